@@ -1,0 +1,79 @@
+"""A UniMMCore whose pixel size follows Python devices, and a safe way to dispose of cores.
+
+pymmcore-plus 0.18's UniMMCore asks the C++ core for the current pixel-size configuration,
+and the C++ core cannot see the properties of Python devices. A pixel-size config keyed on a
+Python objective turret (our simulated rig) therefore never matches and the pixel size reads 0.
+`FlakescanCore` resolves pixel-size configs itself, against every device's properties.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+from pymmcore_plus import CMMCorePlus
+from pymmcore_plus.experimental.unicore import UniMMCore
+
+
+class FlakescanCore(UniMMCore):
+    """UniMMCore with pixel-size configs that work on Python devices."""
+
+    def getCurrentPixelSizeConfig(self, cached: bool = False) -> str:  # noqa: N802 (MM API)
+        for res_id in self.getAvailablePixelSizeConfigs():
+            settings = self.getPixelSizeConfigData(res_id, native=True)
+            matches = True
+            for i in range(settings.size()):
+                s = settings.getSetting(i)
+                value = self.getProperty(s.getDeviceLabel(), s.getPropertyName())
+                if str(value) != s.getPropertyValue():
+                    matches = False
+                    break
+            if matches and settings.size():
+                return res_id
+        return ""
+
+    def getPixelSizeUm(self, cached: bool = False) -> float:  # noqa: N802
+        if not (res_id := self.getCurrentPixelSizeConfig()):
+            return 0.0
+        return float(self.getPixelSizeUmByID(res_id)) * self._binning() / self.getMagnificationFactor()
+
+    def getPixelSizeAffine(self, cached: bool = False) -> tuple[float, ...]:  # noqa: N802
+        if not (res_id := self.getCurrentPixelSizeConfig()):
+            return (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        factor = self._binning() / self.getMagnificationFactor()
+        return tuple(float(v) * factor for v in self.getPixelSizeAffineByID(res_id))
+
+    def _binning(self) -> float:
+        cam = self.getCameraDevice()
+        if not cam or not self.hasProperty(cam, "Binning"):
+            return 1.0
+        return float(self.getProperty(cam, "Binning"))
+
+
+@contextmanager
+def closing_core(core: CMMCorePlus) -> Iterator[CMMCorePlus]:
+    """Yield `core`, then unload its devices and destroy it.
+
+    A CMMCore still alive when the interpreter shuts down can abort the process
+    ("FATAL: exception not rethrown", exit 134), so every core we make is destroyed
+    explicitly before its owner returns.
+    """
+    try:
+        yield core
+    finally:
+        dispose_core(core)
+
+
+def dispose_core(core: CMMCorePlus) -> None:
+    with suppress(Exception):
+        core.mda.cancel()
+    with suppress(Exception):
+        core.unloadAllDevices()
+    # The runner and signal connections hold references back to the core; collect the cycle
+    # now so the C++ destructor runs while the interpreter is still whole.
+    del core
+    gc.collect()
+
+
+__all__ = ["FlakescanCore", "closing_core", "dispose_core"]

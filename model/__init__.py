@@ -1,0 +1,1 @@
+"""The U-Net that segments tiles into other / monolayer / bilayer. Knows nothing of hardware."""

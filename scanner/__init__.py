@@ -1,0 +1,1 @@
+"""The scanning daemon and the `flakescan` command line."""
