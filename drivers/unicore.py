@@ -1,4 +1,4 @@
-"""A UniMMCore whose pixel size follows Python devices, and a safe way to dispose of cores.
+"""A UniMMCore that works with Python devices (pixel size, auto-shutter), and core disposal.
 
 pymmcore-plus 0.18's UniMMCore asks the C++ core for the current pixel-size configuration,
 and the C++ core cannot see the properties of Python devices. A pixel-size config keyed on a
@@ -19,7 +19,7 @@ from pymmcore_plus.experimental.unicore import UniMMCore
 class FlakescanCore(UniMMCore):
     """UniMMCore with pixel-size configs that work on Python devices."""
 
-    def getCurrentPixelSizeConfig(self, cached: bool = False) -> str:  # noqa: N802 (MM API)
+    def getCurrentPixelSizeConfig(self, cached: bool = False) -> str:
         for res_id in self.getAvailablePixelSizeConfigs():
             settings = self.getPixelSizeConfigData(res_id, native=True)
             matches = True
@@ -33,16 +33,33 @@ class FlakescanCore(UniMMCore):
                 return res_id
         return ""
 
-    def getPixelSizeUm(self, cached: bool = False) -> float:  # noqa: N802
+    def getPixelSizeUm(self, cached: bool = False) -> float:
         if not (res_id := self.getCurrentPixelSizeConfig()):
             return 0.0
-        return float(self.getPixelSizeUmByID(res_id)) * self._binning() / self.getMagnificationFactor()
+        return (
+            float(self.getPixelSizeUmByID(res_id)) * self._binning() / self.getMagnificationFactor()
+        )
 
-    def getPixelSizeAffine(self, cached: bool = False) -> tuple[float, ...]:  # noqa: N802
+    def getPixelSizeAffine(self, cached: bool = False) -> tuple[float, ...]:
         if not (res_id := self.getCurrentPixelSizeConfig()):
             return (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
         factor = self._binning() / self.getMagnificationFactor()
         return tuple(float(v) * factor for v in self.getPixelSizeAffineByID(res_id))
+
+    def _do_snap_image(self) -> None:
+        # UniMMCore leaves auto-shutter to the C++ core, which cannot open a Python shutter:
+        # frames from a Python camera behind a Python lamp shutter came out dark. Open it
+        # around the exposure, as CMMCore does for C++ shutters.
+        shutter = self.getShutterDevice()
+        manage = bool(shutter) and self.getAutoShutter() and self.isPyDevice(shutter)
+        was_open = manage and self.getShutterOpen(shutter)
+        if manage and not was_open:
+            self.setShutterOpen(shutter, True)
+        try:
+            super()._do_snap_image()
+        finally:
+            if manage and not was_open:
+                self.setShutterOpen(shutter, False)
 
     def _binning(self) -> float:
         cam = self.getCameraDevice()

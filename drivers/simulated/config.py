@@ -96,15 +96,18 @@ def _default_objectives() -> list[ObjectiveConfig]:
 class CameraConfig(_Strict):
     """An RGB camera. Pixel size at the sample = pixel_pitch_um / magnification."""
 
-    sensor_shape: tuple[Annotated[int, Field(ge=16, le=4096)], Annotated[int, Field(ge=16, le=4096)]] = (
+    sensor_shape: tuple[
+        Annotated[int, Field(ge=16, le=4096)], Annotated[int, Field(ge=16, le=4096)]
+    ] = (
         512,
         512,
     )
     #: effective pitch (binned); 15 µm gives 0.15 µm/px and a 77 µm field at 100×
     pixel_pitch_um: PositiveFloat = 15.0
     exposure_ms: Annotated[float, Field(gt=0, le=10_000)] = 40.0
-    #: photo-electrons per ms for a perfect mirror at the field centre
-    electrons_per_ms: PositiveFloat = 400.0
+    #: photo-electrons per ms for a perfect mirror at the field centre; exposed for the chip
+    #: (bare 300 nm oxide reads about 170/255), so a mirror would saturate
+    electrons_per_ms: PositiveFloat = 1000.0
     full_well_e: PositiveFloat = 20_000.0
     read_noise_e: Annotated[float, Field(ge=0)] = 12.0
     #: the camera's rotation relative to the stage axes (a real rig is calibrated for it)
