@@ -144,7 +144,8 @@ class SimFocusDrive(StageDevice):
             )
         if val < fd.lower_limit_um:
             raise StageLimitError(
-                f"focus move to {val:.2f} µm refused: below the lower limit {fd.lower_limit_um:g} µm"
+                f"focus move to {val:.2f} µm refused: "
+                f"below the lower limit {fd.lower_limit_um:g} µm"
             )
         if s.faults.strikes("focus_error"):
             raise SimulatedHardwareError(f"focus drive error while moving to {val:.2f} µm")

@@ -79,7 +79,7 @@ class FrameRenderer:
         sigma = blur_sigma_px(exp.defocus_um, exp.objective.na, px)
         smear_px = np.asarray(exp.velocity_um_s) * exp.exposure_ms / 1000 / px
         # Render a margin so blur and smear pull in what lies just outside the field.
-        margin = min(int(math.ceil(3 * sigma + np.abs(smear_px).max())) + 1, 256)
+        margin = min(math.ceil(3 * sigma + np.abs(smear_px).max()) + 1, 256)
         h, w = self.shape
         codes = self.world.material_raster(
             exp.center_um, (h + 2 * margin, w + 2 * margin), px, self.cfg.camera.rotation_deg
@@ -138,6 +138,6 @@ def _smear(img: np.ndarray, smear_px: np.ndarray) -> np.ndarray:
     n = int(min(max(np.abs(smear_px).max(), 1), 48))
     acc = np.zeros_like(img)
     for t in np.linspace(-0.5, 0.5, n):
-        dy, dx = int(round(t * smear_px[1])), int(round(t * smear_px[0]))
+        dy, dx = round(t * smear_px[1]), round(t * smear_px[0])
         acc += np.roll(img, shift=(dy, dx), axis=(0, 1))
     return acc / n

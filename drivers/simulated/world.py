@@ -124,7 +124,7 @@ class ChipWorld:
             pieces += self._thin_flake(self._random_point())
         for _ in range(rng.poisson(cfg.bulk_pieces_per_mm2 * area_mm2)):
             c = self._random_point()
-            layers = int(rng.choice(THICK_LAYERS + (4, 5, 6, 8)))
+            layers = int(rng.choice((*THICK_LAYERS, 4, 5, 6, 8)))
             poly = cleaved_polygon(rng, c, rng.lognormal(np.log(4.0), 0.7), rng.uniform(0, np.pi))
             pieces.append(self._piece(poly, layers))
         for _ in range(rng.poisson(cfg.residue_per_mm2 * area_mm2)):
