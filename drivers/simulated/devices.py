@@ -53,7 +53,8 @@ class SimulatedMicroscope:
         )
         self.xy_move = AxisMove.begin(start, start, cfg.xy_stage.timing, self.clock)
         self.xy_stalled = False
-        z0 = np.array([cfg.focus_drive.lower_limit_um])
+        # Start where a person left it: focused on the middle of the chip.
+        z0 = np.array([self.world.focus_z_um(*start)])
         self.z_move = AxisMove.begin(z0, z0, cfg.focus_drive.timing, self.clock)
         self.objective = cfg.objective_config(cfg.objective)
         self.shutter_open = False
