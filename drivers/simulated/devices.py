@@ -232,9 +232,9 @@ class SimRGBCamera(SimpleCameraDevice):
         if s.faults.strikes("camera_error"):
             raise SimulatedHardwareError("camera error: frame transfer failed")
         with s.lock:
-            now = s.clock.wall_now()
-            xy = s.xy_move.position(now)
-            velocity = s.xy_move.velocity(now)
+            # The frame integrates over the exposure: a stage still moving smears it.
+            start, end = s.xy_move.path_during(s.clock.wall_now(), exposure_ms / 1000)
+            xy = (start + end) / 2
             z = s.z_um()
             objective = s.objective
             shutter_open = s.shutter_open
@@ -251,7 +251,7 @@ class SimRGBCamera(SimpleCameraDevice):
                 objective=objective,
                 defocus_um=z - s.world.focus_z_um(float(xy[0]), float(xy[1])),
                 exposure_ms=exposure_ms,
-                velocity_um_s=(float(velocity[0]), float(velocity[1])),
+                smear_um=(float(end[0] - start[0]), float(end[1] - start[1])),
             )
             s.renderer.render(exp, out=buffer)
         return {"Exposure-ms": exposure_ms}

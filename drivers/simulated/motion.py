@@ -112,15 +112,10 @@ class AxisMove:
     def position(self, wall_now: float) -> np.ndarray:
         return self._position_at(self.sim_elapsed(wall_now))
 
-    def velocity(self, wall_now: float) -> np.ndarray:
-        """Approximate velocity (µm/s of simulated time) now; zero once arrived."""
+    def path_during(self, wall_now: float, duration_s: float) -> tuple[np.ndarray, np.ndarray]:
+        """Where the stage is at `wall_now` and `duration_s` simulated seconds later."""
         t = self.sim_elapsed(wall_now)
-        if t >= self.travel_s:
-            return np.zeros_like(self.target)
-        dt = 1e-3
-        p0 = self._position_at(t)
-        p1 = self._position_at(t + dt)
-        return (p1 - p0) / dt
+        return self._position_at(t), self._position_at(t + duration_s)
 
     def _position_at(self, t: float) -> np.ndarray:
         delta = self.target - self.start

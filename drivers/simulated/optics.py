@@ -186,7 +186,7 @@ class MaterialColours:
                 f"need 0 < oxide_min_nm <= oxide_max_nm, got {oxide_min_nm}-{oxide_max_nm}"
             )
         self.oxide_min_nm, self.oxide_max_nm = float(oxide_min_nm), float(oxide_max_nm)
-        n_steps = max(1, math.ceil((oxide_max_nm - oxide_min_nm) / step_nm))
+        n_steps = math.ceil((oxide_max_nm - oxide_min_nm) / step_nm)  # 0: one thickness
         self._oxide = np.linspace(oxide_min_nm, oxide_max_nm, n_steps + 1)
         wl = WAVELENGTHS_NM
         si, sio2 = si_index(wl), sio2_index(wl)

@@ -16,7 +16,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .config import ObjectiveConfig, SimulatedRigConfig
-from .optics import DUST_CODE, N_MATERIALS, material_colours
+from .optics import DUST_CODE, N_MATERIALS, MaterialColours, material_colours
 from .world import OFF_CHIP_CODE, ChipWorld
 
 #: reflectance of the stage insert around the chip
@@ -35,8 +35,8 @@ class Exposure:
     objective: ObjectiveConfig
     defocus_um: float
     exposure_ms: float
-    #: stage velocity during the exposure (µm/s); non-zero smears the frame
-    velocity_um_s: tuple[float, float] = (0.0, 0.0)
+    #: how far the stage travelled during the exposure (µm); non-zero smears the frame
+    smear_um: tuple[float, float] = (0.0, 0.0)
 
 
 def blur_sigma_px(defocus_um: float, na: float, pixel_size_um: float) -> float:
@@ -80,19 +80,26 @@ class FrameRenderer:
         self._electrons = np.empty((h, w, 3), dtype=np.float32)
         self._scratch = np.empty((h, w, 3), dtype=np.float32)
         self._index = np.empty((h, w, 3), dtype=np.int32)
-        lo, hi = world.oxide_range_nm()
-        self._colours = {
-            o.label: material_colours(lo, hi, optics.lamp_kelvin, o.na) for o in cfg.objectives
-        }
+        self._colours: dict[str, MaterialColours] = {}
 
     def pixel_size_um(self, objective: ObjectiveConfig) -> float:
         return self.cfg.camera.pixel_pitch_um / objective.magnification
+
+    def _colours_for(self, objective: ObjectiveConfig) -> MaterialColours:
+        # Built on first use: a table takes a fraction of a second, and most scans use one
+        # objective.
+        if objective.label not in self._colours:
+            lo, hi = self.world.oxide_range_nm()
+            self._colours[objective.label] = material_colours(
+                lo, hi, self.cfg.optics.lamp_kelvin, objective.na
+            )
+        return self._colours[objective.label]
 
     def reflectance(self, exp: Exposure) -> np.ndarray:
         """Linear RGB reflectance (mirror = 1) of the field, blurred and smeared: float32 H×W×3."""
         px = self.pixel_size_um(exp.objective)
         sigma = blur_sigma_px(exp.defocus_um, exp.objective.na, px)
-        smear_px = np.asarray(exp.velocity_um_s) * exp.exposure_ms / 1000 / px
+        smear_px = np.asarray(exp.smear_um) / px
         # Render a margin so blur and smear pull in what lies just outside the field.
         sigma = min(sigma, _MAX_BLUR_PX)
         margin = min(math.ceil(3 * sigma + np.abs(smear_px).max()) + 1, 256)
@@ -101,7 +108,7 @@ class FrameRenderer:
             exp.center_um, (h + 2 * margin, w + 2 * margin), px, self.cfg.camera.rotation_deg
         )
         lut = np.empty((256, 3), dtype=np.float32)
-        lut[:N_MATERIALS] = self._colours[exp.objective.label].linear_rgb(
+        lut[:N_MATERIALS] = self._colours_for(exp.objective).linear_rgb(
             self.world.oxide_nm(*exp.center_um)
         )
         lut[DUST_CODE] = 0.04

@@ -1,0 +1,213 @@
+"""Synthetic training data: tiles taken through the simulated camera, with true layer masks.
+
+The tiles come from the rig exactly as a scan would take them (move, focus, snap), over many
+small chips, each with its own randomised wafer, lamp and camera: real micrographs differ in
+oxide thickness, colour temperature, white balance, exposure, focus, noise and compression,
+and a model trained on one fixed look would learn that look instead of the layers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import structlog
+import yaml
+from PIL import Image
+
+from ..unicore import closing_core
+from .config import SimulatedRigConfig
+from .rig import create_simulated_core
+
+log = structlog.get_logger("flakescan.synth")
+
+LABEL_VALUES = {0: "other", 1: "monolayer", 2: "bilayer"}
+
+
+@dataclass(frozen=True)
+class TileRecipe:
+    """How one tile was taken; written to metadata.jsonl beside the images."""
+
+    stem: str
+    chip_seed: int
+    x_um: float
+    y_um: float
+    target: str
+    oxide_nm: float
+    lamp_kelvin: float
+    white_balance: tuple[float, float, float]
+    gamma: float
+    vignetting: float
+    exposure_ms: float
+    read_noise_e: float
+    defocus_um: float
+    jpeg_quality: int
+
+
+SYNTH_CHIP_UM = 800.0
+
+
+def randomised_chip(
+    base: SimulatedRigConfig, rng: np.random.Generator, seed: int
+) -> SimulatedRigConfig:
+    """A small chip with its own wafer, lamp and camera settings, dense with thin flakes."""
+    data = base.model_dump()
+    data.update(
+        seed=seed,
+        time_scale=0.0,
+        objective="100x",
+        faults={},
+        chip={
+            "width_um": SYNTH_CHIP_UM,
+            "height_um": SYNTH_CHIP_UM,
+            "origin_um": (0.0, 0.0),
+            "oxide_nm": float(rng.uniform(262, 318)),
+            "oxide_drift_nm": float(rng.uniform(0, 4)),
+        },
+        flakes={
+            **data["flakes"],
+            "thin_flakes_per_mm2": 30.0,
+            "bulk_pieces_per_mm2": 30.0,
+            "residue_per_mm2": 10.0,
+            "dust_per_mm2": 30.0,
+            "monolayer_size_um": (4.0, 40.0),
+        },
+        optics={
+            "lamp_kelvin": float(rng.uniform(2800, 4200)),
+            "white_balance": tuple(float(g) for g in rng.uniform(0.8, 1.25, size=3)),
+            "gamma": float(rng.uniform(1.8, 2.5)),
+            "vignetting": float(rng.uniform(0.0, 0.35)),
+        },
+        camera={
+            **data["camera"],
+            # 0.06-0.15 µm per pixel at 100×: cameras and relay lenses differ between labs
+            "pixel_pitch_um": float(rng.uniform(6, 15)),
+            "exposure_ms": float(rng.uniform(22, 60)),
+            "read_noise_e": float(rng.uniform(5, 60)),
+        },
+    )
+    data["xy_stage"]["x_limits_um"] = (-1000.0, SYNTH_CHIP_UM + 1000)
+    data["xy_stage"]["y_limits_um"] = (-1000.0, SYNTH_CHIP_UM + 1000)
+    return SimulatedRigConfig.model_validate(data)
+
+
+def write_synthetic_dataset(
+    base: SimulatedRigConfig,
+    out_dir: str | Path,
+    count: int,
+    seed: int = 0,
+    *,
+    tiles_per_chip: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write `count` tiles as a dataset folder (images/, masks/, dataset.yaml).
+
+    Refuses a folder that already holds files, so nothing written before is lost.
+    """
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} already exists and is not empty; choose a new folder")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = 0
+    with (out / "metadata.jsonl").open("w") as meta:
+        while written < count:
+            chip_seed = int(rng.integers(2**31))
+            cfg = randomised_chip(base, rng, chip_seed)
+            n = min(tiles_per_chip, count - written)
+            with closing_core(create_simulated_core(cfg)) as core:
+                for recipe, image, mask in _tiles(core, cfg, rng, n, written, chip_seed):
+                    _save(out, recipe, image, mask)
+                    meta.write(json.dumps(asdict(recipe)) + "\n")
+                    written += 1
+                    if progress:
+                        progress(1)
+    (out / "dataset.yaml").write_text(_dataset_yaml(base, count, seed))
+    log.info("synth.done", out=str(out), tiles=count, seed=seed)
+    return out
+
+
+def _tiles(
+    core, cfg: SimulatedRigConfig, rng: np.random.Generator, n: int, first: int, chip_seed: int
+):
+    world = core.simulation.world
+    thin = list(world.flakes)
+    thick = [p for p in world.pieces if p.layers >= 3]
+    px = core.getPixelSizeUm()
+    h, w = cfg.camera.sensor_shape
+    fov = np.array([w, h]) * px
+    for i in range(n):
+        roll = rng.random()
+        if thin and roll < 0.7:
+            target, c = "flake", thin[rng.integers(len(thin))].polygon.centroid
+        elif thick and roll < 0.85:
+            target, c = "debris", thick[rng.integers(len(thick))].polygon.centroid
+        else:
+            target, c = "random", None
+        if c is None:
+            x, y = rng.uniform(0, cfg.chip.width_um), rng.uniform(0, cfg.chip.height_um)
+        else:
+            x, y = np.array([c.x, c.y]) + rng.uniform(-0.3, 0.3, 2) * fov
+        if rng.random() > 0.05:  # a few tiles see the chip's edge, as a scan's border fields do
+            x = float(np.clip(x, fov[0] / 2, cfg.chip.width_um - fov[0] / 2))
+            y = float(np.clip(y, fov[1] / 2, cfg.chip.height_um - fov[1] / 2))
+        defocus = float(rng.normal(0, 0.2) if rng.random() < 0.85 else rng.uniform(-1.2, 1.2))
+        core.setXYPosition(float(x), float(y))
+        core.waitForDevice(core.getXYStageDevice())
+        x, y = core.getXYPosition()
+        core.setPosition(world.focus_z_um(x, y) + defocus)
+        core.waitForDevice(core.getFocusDevice())
+        core.snapImage()
+        image = np.array(core.getImage())
+        mask = world.label_raster((x, y), (h, w), px, cfg.camera.rotation_deg)
+        recipe = TileRecipe(
+            stem=f"synth-{first + i:05d}",
+            chip_seed=chip_seed,
+            x_um=round(x, 3),
+            y_um=round(y, 3),
+            target=target,
+            oxide_nm=round(world.oxide_nm(x, y), 2),
+            lamp_kelvin=round(cfg.optics.lamp_kelvin, 1),
+            white_balance=tuple(round(g, 3) for g in cfg.optics.white_balance),
+            gamma=round(cfg.optics.gamma, 3),
+            vignetting=round(cfg.optics.vignetting, 3),
+            exposure_ms=round(cfg.camera.exposure_ms, 2),
+            read_noise_e=round(cfg.camera.read_noise_e, 2),
+            defocus_um=round(defocus, 3),
+            jpeg_quality=int(rng.integers(70, 96)),
+        )
+        yield recipe, image, mask
+
+
+def _save(out: Path, recipe: TileRecipe, image: np.ndarray, mask: np.ndarray) -> None:
+    # Real micrographs arrive as JPEG; the compression artefacts are part of the look.
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=recipe.jpeg_quality)
+    (out / "images" / f"{recipe.stem}.jpg").write_bytes(buf.getvalue())
+    Image.fromarray(mask).save(out / "masks" / f"{recipe.stem}.png")
+
+
+def _dataset_yaml(base: SimulatedRigConfig, count: int, seed: int) -> str:
+    header = (
+        "# Synthetic micrographs of exfoliated MoS2 on SiO2/Si from the flakescan simulated rig.\n"
+        "# Made by `flakescan synth`; free to use and to train shipped weights on.\n"
+    )
+    body = {
+        "material": "MoS2",
+        "growth": "exfoliated (simulated)",
+        "source": "flakescan synth",
+        "count": count,
+        "seed": seed,
+        "base_config_seed": base.seed,
+        "image_glob": "images/*.jpg",
+        "mask_glob": "masks/*.png",
+        "label_values": LABEL_VALUES,
+    }
+    return header + yaml.safe_dump(body, sort_keys=False)

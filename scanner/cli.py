@@ -1,0 +1,120 @@
+"""The `flakescan` command line (typer + rich)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .logs import configure_logging
+
+app = typer.Typer(
+    help="Find monolayer and bilayer flakes on a chip with a motorised microscope and a U-Net.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console(stderr=True)
+
+
+@app.callback()
+def main(
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    log_json: Annotated[
+        Path | None, typer.Option(help="Also write logs as JSON lines to this file.")
+    ] = None,
+) -> None:
+    try:
+        configure_logging(log_level, log_json)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--log-level") from None
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=2)
+
+
+@app.command()
+def synth(
+    config: Annotated[Path, typer.Option(help="Simulated-rig YAML (e.g. configs/simulated.yaml).")],
+    out: Annotated[Path, typer.Option(help="New dataset folder to write (must not hold files).")],
+    count: Annotated[int, typer.Option(min=1, help="Number of 512×512 tiles.")],
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same dataset.")] = 0,
+    tiles_per_chip: Annotated[
+        int, typer.Option(min=1, help="Tiles taken on each randomised chip before a new one.")
+    ] = 8,
+) -> None:
+    """Write a synthetic dataset folder (images/, masks/, dataset.yaml) from the simulated rig."""
+    from drivers.simulated.config import ConfigError, load_simulated_config
+    from drivers.simulated.synth import write_synthetic_dataset
+
+    try:
+        cfg = load_simulated_config(config)
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+    if out.exists() and any(out.iterdir()):
+        raise _fail(f"{out} already exists and is not empty; choose a new folder")
+    with Progress(
+        TextColumn("[bold]synth"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tiles"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("synth", total=count)
+        write_synthetic_dataset(
+            cfg,
+            out,
+            count,
+            seed,
+            tiles_per_chip=tiles_per_chip,
+            progress=lambda n: bar.advance(task, n),
+        )
+    console.print(f"wrote {count} tiles to [bold]{out}[/]")
+
+
+@app.command()
+def check(
+    config: Annotated[Path, typer.Argument(help="Rig YAML: simulated or micromanager.")],
+) -> None:
+    """Open the rig, check it has everything a scan needs, and print what it found."""
+    from drivers.micromanager import RigCheckError
+    from drivers.rigs import open_rig
+    from drivers.simulated.config import ConfigError
+
+    try:
+        with open_rig(config) as core:
+            table = Table(title=f"rig: {config}")
+            table.add_column("role")
+            table.add_column("device")
+            table.add_column("state")
+            x, y = core.getXYPosition()
+            table.add_row("XY stage", core.getXYStageDevice(), f"x {x:.1f} µm, y {y:.1f} µm")
+            table.add_row("focus drive", core.getFocusDevice(), f"z {core.getPosition():.2f} µm")
+            cam = core.getCameraDevice()
+            table.add_row(
+                "camera",
+                cam,
+                f"{core.getImageWidth()}×{core.getImageHeight()}, "
+                f"{core.getNumberOfComponents()} components, {core.getExposure():g} ms",
+            )
+            table.add_row(
+                "shutter", core.getShutterDevice(), "auto" if core.getAutoShutter() else ""
+            )
+            table.add_row(
+                "pixel size", core.getCurrentPixelSizeConfig(), f"{core.getPixelSizeUm():.4f} µm"
+            )
+            console.print(table)
+    except (ConfigError, RigCheckError, FileNotFoundError) as e:
+        raise _fail(str(e)) from None
+    console.print("[green]rig ready[/]")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,106 @@
+"""`flakescan synth`: a dataset folder of simulated tiles with masks that match them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from conftest import small_rig_config
+from PIL import Image
+from typer.testing import CliRunner
+
+from drivers.simulated.synth import write_synthetic_dataset
+from scanner.cli import app
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "set"
+    return write_synthetic_dataset(small_rig_config(), out, count=10, seed=3, tiles_per_chip=5)
+
+
+def test_dataset_folder_layout(dataset) -> None:
+    images = sorted(p.stem for p in (dataset / "images").glob("*.jpg"))
+    masks = sorted(p.stem for p in (dataset / "masks").glob("*.png"))
+    assert images == masks and len(images) == 10
+    meta = yaml.safe_load((dataset / "dataset.yaml").read_text())
+    assert meta["label_values"] == {0: "other", 1: "monolayer", 2: "bilayer"}
+    recipes = [json.loads(line) for line in (dataset / "metadata.jsonl").read_text().splitlines()]
+    assert [r["stem"] for r in recipes] == images
+    assert len({r["chip_seed"] for r in recipes}) == 2  # a new randomised chip every 5 tiles
+    img = np.asarray(Image.open(dataset / "images" / f"{images[0]}.jpg"))
+    mask = np.asarray(Image.open(dataset / "masks" / f"{images[0]}.png"))
+    assert img.shape == (512, 512, 3) and img.dtype == np.uint8
+    assert mask.shape == (512, 512) and set(np.unique(mask)) <= {0, 1, 2}
+
+
+def _colour_gap(img: np.ndarray, region: np.ndarray) -> float:
+    return float(np.abs(img[region].mean(0) - img[~region].mean(0)).sum())
+
+
+def test_masks_show_flakes_and_line_up_with_the_image(dataset) -> None:
+    thin_pixels, aligned, shifted = 0, [], []
+    for mask_path in sorted((dataset / "masks").glob("*.png")):
+        mask = np.asarray(Image.open(mask_path))
+        img = np.asarray(Image.open(dataset / "images" / f"{mask_path.stem}.jpg")).astype(float)
+        thin = mask > 0
+        thin_pixels += int(thin.sum())
+        if thin.sum() < 500 or (~thin).sum() < 500:
+            continue
+        aligned.append(_colour_gap(img, thin))
+        shifted.append(_colour_gap(img, np.roll(thin, 40, axis=1) & ~thin))
+    assert thin_pixels > 10_000
+    assert aligned and np.mean(aligned) > np.mean(shifted) + 3
+
+
+def test_same_seed_same_dataset(tmp_path, dataset) -> None:
+    again = write_synthetic_dataset(
+        small_rig_config(), tmp_path / "again", count=10, seed=3, tiles_per_chip=5
+    )
+    for name in ("synth-00000.png", "synth-00007.png"):
+        assert np.array_equal(
+            np.asarray(Image.open(again / "masks" / name)),
+            np.asarray(Image.open(dataset / "masks" / name)),
+        )
+
+
+def test_refuses_a_folder_with_files_and_leaves_them(tmp_path) -> None:
+    keep = tmp_path / "mine.txt"
+    keep.write_text("a week of labels")
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_synthetic_dataset(small_rig_config(), tmp_path, count=2)
+    assert keep.read_text() == "a week of labels"
+    assert not (tmp_path / "images").exists()
+
+
+def test_cli_synth_and_check(tmp_path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "cli-set"
+    result = runner.invoke(
+        app,
+        [
+            "synth",
+            "--config",
+            "configs/simulated.yaml",
+            "--out",
+            str(out),
+            "--count",
+            "3",
+            "--seed",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert len(list((out / "images").glob("*.jpg"))) == 3
+    again = runner.invoke(
+        app, ["synth", "--config", "configs/simulated.yaml", "--out", str(out), "--count", "3"]
+    )
+    assert again.exit_code == 2 and "not empty" in again.output
+    checked = runner.invoke(app, ["check", "configs/simulated.yaml"])
+    assert checked.exit_code == 0 and "rig ready" in checked.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("camera: {exposure_ms: 0}\n")
+    failed = runner.invoke(app, ["check", str(bad)])
+    assert failed.exit_code == 2 and "camera.exposure_ms" in failed.output
