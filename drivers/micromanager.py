@@ -15,7 +15,6 @@ from operator import methodcaller
 from pathlib import Path
 from typing import Annotated, Literal, NamedTuple
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -26,7 +25,7 @@ from pydantic import (
 )
 from pymmcore_plus import CMMCorePlus, DeviceInitializationState, DeviceType
 
-from drivers.simulated.config import ConfigError, format_validation_error
+from drivers.configfile import ConfigError, format_validation_error, read_yaml_mapping
 from drivers.unicore import dispose_core
 
 DeviceLabel = Annotated[str, Field(min_length=1)]
@@ -95,14 +94,7 @@ class RigCheckWarning(UserWarning):
 def load_rig_config(path: str | Path) -> MicroManagerRigConfig:
     """Read and validate a real-rig YAML file, or raise ConfigError naming the file and field."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path)
     try:
         cfg = MicroManagerRigConfig.model_validate(raw, context={"base_dir": path.resolve().parent})
     except ValidationError as e:

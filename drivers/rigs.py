@@ -6,24 +6,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
 from pymmcore_plus import CMMCorePlus
 
-from .simulated.config import ConfigError, load_simulated_config
+from .configfile import ConfigError, read_yaml_mapping
+from .simulated.config import load_simulated_config
 from .unicore import closing_core
 
 RIG_KINDS = ("simulated", "micromanager")
 
 
 def rig_kind(path: str | Path) -> str:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    kind = raw.get("rig", "simulated") if isinstance(raw, dict) else None
+    raw = read_yaml_mapping(path)
+    kind = raw.get("rig", "simulated")
     if kind not in RIG_KINDS:
         raise ConfigError(f"{path}: rig must be one of {', '.join(RIG_KINDS)}, got {kind!r}")
     return kind

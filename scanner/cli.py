@@ -50,7 +50,8 @@ def synth(
     ] = 8,
 ) -> None:
     """Write a synthetic dataset folder (images/, masks/, dataset.yaml) from the simulated rig."""
-    from drivers.simulated.config import ConfigError, load_simulated_config
+    from drivers.configfile import ConfigError
+    from drivers.simulated.config import load_simulated_config
     from drivers.simulated.synth import write_synthetic_dataset
 
     try:
@@ -84,9 +85,9 @@ def check(
     config: Annotated[Path, typer.Argument(help="Rig YAML: simulated or micromanager.")],
 ) -> None:
     """Open the rig, check it has everything a scan needs, and print what it found."""
+    from drivers.configfile import ConfigError
     from drivers.micromanager import RigCheckError
     from drivers.rigs import open_rig
-    from drivers.simulated.config import ConfigError
 
     try:
         with open_rig(config) as core:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from pymmcore_plus import CFGCommand
 
+from drivers.configfile import ConfigError
 from drivers.micromanager import (
     MicroManagerRigConfig,
     RigCheckError,
@@ -25,7 +26,6 @@ from drivers.micromanager import (
     load_rig_config,
     open_micromanager_rig,
 )
-from drivers.simulated.config import ConfigError
 from drivers.unicore import FlakescanCore, dispose_core
 
 try:  # the .cfg names the stub module as importable here: `tests.` from the root, else bare

@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..configfile import ConfigError, format_validation_error, read_yaml_mapping
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -217,33 +218,10 @@ class SimulatedRigConfig(_Strict):
         return self.camera.pixel_pitch_um / self.objective_config(objective).magnification
 
 
-class ConfigError(ValueError):
-    """A config file that cannot be used, with a message naming the file and the field."""
-
-
 def load_simulated_config(path: str | Path) -> SimulatedRigConfig:
     """Read and validate a simulated-rig YAML file, or raise ConfigError saying what is wrong."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path)
     try:
         return SimulatedRigConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: {format_validation_error(e)}") from None
-
-
-def format_validation_error(e: ValidationError) -> str:
-    """One line per problem, each naming the field path, e.g. `camera.exposure_ms: ...`."""
-    lines = []
-    for err in e.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"{where}: {err['msg']}")
-    return "invalid config:\n  " + "\n  ".join(lines)
