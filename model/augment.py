@@ -1,0 +1,109 @@
+"""Augmentations of a (tile, mask) pair: geometry for both, colour for the tile only.
+
+The paper (Saito et al.) crops, flips and rotates, then converts to grayscale or adjusts the
+contrast; Table 1 compares those colour sets. flakescan adds colour cast, brightness, blur
+and noise, because micrographs from another microscope differ in exactly those. A set is
+chosen by name so each Table 1 row can be reproduced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+
+Photometric = Literal["grayscale", "contrast", "color", "brightness", "blur", "noise"]
+
+AUGMENT_SETS: dict[str, tuple[Photometric, ...]] = {
+    "none": (),
+    "grayscale": ("grayscale",),
+    "contrast": ("contrast",),
+    "grayscale+contrast": ("grayscale", "contrast"),
+    "full": ("contrast", "color", "brightness", "blur", "noise"),
+}
+
+
+def augment_set(name: str) -> tuple[Photometric, ...]:
+    if name not in AUGMENT_SETS:
+        raise ValueError(f"unknown augmentation set {name!r}; choose from {sorted(AUGMENT_SETS)}")
+    return AUGMENT_SETS[name]
+
+
+@dataclass
+class Augmenter:
+    """Random crop + flips + 90° rotations, then the chosen colour changes, each with `p`."""
+
+    crop: int = 512
+    photometric: tuple[Photometric, ...] = ()
+    p: float = 0.5
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 H×W×3 and H×W in; float32 H×W×3 in 0..1 and uint8 crop×crop out."""
+        image, mask = random_crop(image, mask, self.crop, self.rng)
+        if self.rng.random() < 0.5:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        if self.rng.random() < 0.5:
+            image, mask = image[::-1], mask[::-1]
+        k = int(self.rng.integers(4))
+        image, mask = np.rot90(image, k), np.rot90(mask, k)
+        out = image.astype(np.float32) / 255.0
+        for name in self.photometric:
+            if self.rng.random() < self.p:
+                out = _PHOTOMETRIC[name](out, self.rng)
+        return np.clip(out, 0.0, 1.0), np.ascontiguousarray(mask)
+
+
+def random_crop(
+    image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A size×size window; images smaller than that are reflect-padded first."""
+    h, w = mask.shape
+    ph, pw = max(size - h, 0), max(size - w, 0)
+    if ph or pw:
+        pads = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+        image = np.pad(image, (*pads, (0, 0)), mode="reflect")
+        mask = np.pad(mask, pads, mode="reflect")
+        h, w = mask.shape
+    top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+    return image[top : top + size, left : left + size], mask[top : top + size, left : left + size]
+
+
+def grayscale(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    gray = img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def contrast(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    mean = img.mean(axis=(0, 1), keepdims=True)
+    return mean + (img - mean) * np.float32(rng.uniform(0.6, 1.8))
+
+
+def color(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A white-balance / colour-temperature cast: independent channel gains."""
+    return img * rng.uniform(0.8, 1.2, size=3).astype(np.float32)
+
+
+def brightness(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return img * np.float32(rng.uniform(0.7, 1.3))
+
+
+def blur(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    sigma = float(rng.uniform(0.5, 2.0))
+    return ndimage.gaussian_filter(img, sigma=(sigma, sigma, 0))
+
+
+def noise(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return img + rng.normal(0, rng.uniform(0.005, 0.04), size=img.shape).astype(np.float32)
+
+
+_PHOTOMETRIC = {
+    "grayscale": grayscale,
+    "contrast": contrast,
+    "color": color,
+    "brightness": brightness,
+    "blur": blur,
+    "noise": noise,
+}

@@ -1,0 +1,58 @@
+"""Augmentations: geometry moves tile and mask together; colour changes touch the tile only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.augment import AUGMENT_SETS, Augmenter, augment_set, grayscale, random_crop
+
+
+def _pair(h: int = 40, w: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """A tile whose red channel encodes the mask, so alignment can be checked after any move."""
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 3, size=(h, w)).astype(np.uint8)
+    image = np.zeros((h, w, 3), dtype=np.uint8)
+    image[..., 0] = mask * 100
+    image[..., 1] = rng.integers(0, 255, size=(h, w))
+    return image, mask
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_geometry_keeps_tile_and_mask_aligned(seed: int) -> None:
+    image, mask = _pair()
+    aug = Augmenter(crop=32, rng=np.random.default_rng(seed))
+    out, out_mask = aug(image, mask)
+    assert out.shape == (32, 32, 3) and out.dtype == np.float32
+    assert out_mask.shape == (32, 32) and out_mask.dtype == np.uint8
+    assert np.array_equal(np.round(out[..., 0] * 255 / 100).astype(np.uint8), out_mask)
+
+
+def test_small_images_are_padded_up_to_the_crop() -> None:
+    image, mask = _pair(20, 30)
+    crop_img, crop_mask = random_crop(image, mask, 48, np.random.default_rng(1))
+    assert crop_img.shape == (48, 48, 3) and crop_mask.shape == (48, 48)
+    assert np.array_equal(crop_img[..., 0] // 100, crop_mask)
+
+
+def test_paper_table_sets_exist_and_unknown_is_refused() -> None:
+    assert {"none", "grayscale", "contrast", "grayscale+contrast"} <= AUGMENT_SETS.keys()
+    with pytest.raises(ValueError, match="unknown augmentation set"):
+        augment_set("sepia")
+
+
+def test_photometric_changes_leave_the_mask_alone() -> None:
+    image, mask = _pair(64, 64)
+    plain = Augmenter(crop=64, rng=np.random.default_rng(3))
+    full = Augmenter(crop=64, photometric=augment_set("full"), p=1.0, rng=np.random.default_rng(3))
+    a, ma = plain(image, mask)
+    b, mb = full(image, mask)
+    assert np.array_equal(ma, mb)
+    assert not np.allclose(a, b)
+    assert b.min() >= 0 and b.max() <= 1
+
+
+def test_grayscale_makes_channels_equal() -> None:
+    img = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
+    g = grayscale(img, np.random.default_rng(0))
+    assert np.allclose(g[..., 0], g[..., 1]) and np.allclose(g[..., 1], g[..., 2])
