@@ -12,6 +12,7 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
+import pymmcore
 from pymmcore_plus import CMMCorePlus
 from pymmcore_plus.experimental.unicore import UniMMCore
 
@@ -70,11 +71,11 @@ class FlakescanCore(UniMMCore):
 
 @contextmanager
 def closing_core(core: CMMCorePlus) -> Iterator[CMMCorePlus]:
-    """Yield `core`, then unload its devices and destroy it.
+    """Yield `core`, then unload its devices, detach its callbacks and drop it.
 
-    A CMMCore still alive when the interpreter shuts down can abort the process
-    ("FATAL: exception not rethrown", exit 134), so every core we make is destroyed
-    explicitly before its owner returns.
+    A CMMCore destroyed during interpreter shutdown with its Python callback still registered
+    aborts the process ("FATAL: exception not rethrown", exit 134) about half the time;
+    `dispose_core` makes that destruction harmless even if a name still holds the core.
     """
     try:
         yield core
@@ -87,6 +88,11 @@ def dispose_core(core: CMMCorePlus) -> None:
         core.mda.cancel()
     with suppress(Exception):
         core.unloadAllDevices()
+    # The C++ core calls back into Python from its destructor; if that runs during interpreter
+    # teardown (a name still bound at module level), the process aborts. Unregister now, as
+    # CMMCorePlus.__del__ would if it ran in time.
+    with suppress(Exception):
+        pymmcore.CMMCore.registerCallback(core, None)
     # The runner and signal connections hold references back to the core; collect the cycle
     # now so the C++ destructor runs while the interpreter is still whole.
     del core
