@@ -65,7 +65,7 @@ def randomised_chip(
             "width_um": SYNTH_CHIP_UM,
             "height_um": SYNTH_CHIP_UM,
             "origin_um": (0.0, 0.0),
-            "oxide_nm": float(rng.uniform(262, 318)),
+            "oxide_nm": float(rng.uniform(285, 335)),
             "oxide_drift_nm": float(rng.uniform(0, 4)),
         },
         flakes={
@@ -78,16 +78,19 @@ def randomised_chip(
         },
         optics={
             "lamp_kelvin": float(rng.uniform(2800, 4200)),
-            "white_balance": tuple(float(g) for g in rng.uniform(0.8, 1.25, size=3)),
+            "white_balance": tuple(float(g) for g in rng.uniform(0.9, 1.1, size=3)),
             "gamma": float(rng.uniform(1.8, 2.5)),
-            "vignetting": float(rng.uniform(0.0, 0.35)),
+            "vignetting": float(rng.uniform(0.0, 0.15)),
         },
         camera={
             **data["camera"],
             # 0.06-0.15 µm per pixel at 100×: cameras and relay lenses differ between labs
             "pixel_pitch_um": float(rng.uniform(6, 15)),
-            "exposure_ms": float(rng.uniform(22, 60)),
-            "read_noise_e": float(rng.uniform(5, 60)),
+            "exposure_ms": float(rng.uniform(35, 75)),
+            # Small pixels hold few electrons: shot noise that survives JPEG, as in real tiles.
+            "full_well_e": (full_well := float(rng.uniform(3500, 6000))),
+            "electrons_per_ms": 0.05 * full_well,
+            "read_noise_e": float(rng.uniform(5, 30)),
         },
     )
     data["xy_stage"]["x_limits_um"] = (-1000.0, SYNTH_CHIP_UM + 1000)
@@ -158,7 +161,7 @@ def _tiles(
         if rng.random() > 0.05:  # a few tiles see the chip's edge, as a scan's border fields do
             x = float(np.clip(x, fov[0] / 2, cfg.chip.width_um - fov[0] / 2))
             y = float(np.clip(y, fov[1] / 2, cfg.chip.height_um - fov[1] / 2))
-        defocus = float(rng.normal(0, 0.2) if rng.random() < 0.85 else rng.uniform(-1.2, 1.2))
+        defocus = float(rng.normal(0, 0.2) if rng.random() < 0.9 else rng.uniform(-0.8, 0.8))
         core.setXYPosition(float(x), float(y))
         core.waitForDevice(core.getXYStageDevice())
         x, y = core.getXYPosition()
@@ -181,7 +184,7 @@ def _tiles(
             exposure_ms=round(cfg.camera.exposure_ms, 2),
             read_noise_e=round(cfg.camera.read_noise_e, 2),
             defocus_um=round(defocus, 3),
-            jpeg_quality=int(rng.integers(70, 96)),
+            jpeg_quality=int(rng.integers(70, 91)),
         )
         yield recipe, image, mask
 
