@@ -1,0 +1,282 @@
+"""Per-pixel class probabilities and labels for uint8 RGB images of any size: what the scanner's
+inference queue calls.
+
+Images of exactly ``window``×``window`` (the scanner's tiles) go through the network in batches.
+Any other size is cut into overlapping windows (smaller images are first reflect-padded up to the
+window) and the windows' probabilities are blended with weights that fall off smoothly over the
+``overlap`` towards a neighbouring window and stay 1 at the image's own border, so neither seams
+nor darkened edges appear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from model.checkpoint import CLASS_NAMES, Checkpoint, load_checkpoint
+from model.unet import UNet
+
+Window = tuple[int, int, torch.Tensor]  # top, left, window×window blending weight
+
+
+class Segmenter:
+    """Runs a U-Net for inference: eval mode, no autograd, batches, optional autocast and compile.
+
+    Works on its own inference copy of the model (batch norm folded into the convolutions), so
+    later changes to ``model``'s weights are not seen; build a new Segmenter after training.
+    ``scale`` maps uint8 pixels to the network's input range (the checkpoint's normalisation).
+    ``amp`` (autocast) defaults to on for CUDA — bf16 where supported, else fp16 — and is refused
+    on the CPU, where it would change results for little gain.
+    """
+
+    def __init__(
+        self,
+        model: UNet,
+        *,
+        device: str | torch.device = "cpu",
+        batch_size: int = 8,
+        amp: bool | None = None,
+        channels_last: bool = True,
+        compile: bool = False,
+        window: int = 512,
+        overlap: int = 64,
+        scale: float = 1 / 255,
+    ) -> None:
+        config = model.config
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if window < 1 or window % config.multiple:
+            raise ValueError(
+                f"window {window} must be a positive multiple of 2**depth = {config.multiple}"
+            )
+        if not 0 <= overlap < window:
+            raise ValueError(f"overlap must be in [0, window={window}), got {overlap}")
+        self.device = torch.device(device)
+        if amp is None:
+            amp = self.device.type == "cuda"
+        if amp and self.device.type != "cuda":
+            raise ValueError("amp (autocast) is only used on CUDA; pass amp=False or None on CPU")
+        self.amp_dtype: torch.dtype | None = None
+        if amp:
+            bf16 = torch.cuda.is_bf16_supported()
+            self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        self.config = config
+        self.batch_size = batch_size
+        self.channels_last = channels_last
+        self.window = window
+        self.overlap = overlap
+        self.scale = scale
+        self.checkpoint: Checkpoint | None = None
+        self.class_names: tuple[str, ...] = (
+            CLASS_NAMES
+            if config.classes == len(CLASS_NAMES)
+            else tuple(map(str, range(config.classes)))
+        )
+
+        net = fold_batch_norm(model).to(self.device)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self._eager: nn.Module = net
+        self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if compile:
+            try:
+                self._compiled = torch.compile(net)
+            except Exception as exc:  # e.g. a Python version torch.compile does not support yet
+                warnings.warn(f"torch.compile unavailable ({exc}); running eagerly", stacklevel=2)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike[str], **kwargs: Any) -> Segmenter:
+        """A Segmenter for a saved model, with the checkpoint's normalisation and class names."""
+        model, meta = load_checkpoint(path, device=kwargs.get("device", "cpu"))
+        unknown = set(meta.normalisation) - {"scale"}
+        if unknown:
+            raise ValueError(f"{path}: normalisation {sorted(unknown)} is not supported")
+        kwargs.setdefault("scale", meta.normalisation.get("scale", 1 / 255))
+        segmenter = cls(model, **kwargs)
+        segmenter.checkpoint = meta
+        segmenter.class_names = meta.class_names
+        return segmenter
+
+    @torch.inference_mode()
+    def predict(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and labels for N×H×W×3 (or one H×W×3) uint8 images.
+
+        Returns ``(probabilities, labels)``: N×classes×H×W float32 summing to 1 over the class
+        axis (the model's and torch's layout), and N×H×W uint8 argmax labels (0 other,
+        1 monolayer, 2 bilayer). A single image gives classes×H×W and H×W.
+        """
+        images, single = self._as_batch(tiles)
+        n, height, width, _ = images.shape
+        probs = np.empty((n, self.config.classes, height, width), np.float32)
+        labels = np.empty((n, height, width), np.uint8)
+        if n == 0:
+            return probs, labels
+        padded = _pad_to(images, self.window)
+        windows = _windows(padded.shape[1], padded.shape[2], self.window, self.overlap, self.device)
+        if len(windows) == 1:
+            for b in range(0, n, self.batch_size):
+                p = self._infer(padded[b : b + self.batch_size])[:, :, :height, :width]
+                probs[b : b + len(p)] = p.cpu().numpy()
+                labels[b : b + len(p)] = _argmax(p, dim=1).cpu().numpy()
+        else:
+            self._blend(padded, windows, probs, labels)
+        return (probs[0], labels[0]) if single else (probs, labels)
+
+    def _blend(
+        self, padded: np.ndarray, windows: list[Window], probs: np.ndarray, labels: np.ndarray
+    ) -> None:
+        win = self.window
+        weight_sum = torch.zeros(padded.shape[1:3], device=self.device)
+        for y, x, w in windows:
+            weight_sum[y : y + win, x : x + win] += w
+        # Windows in image order, so each image's sum is finished before the next one starts.
+        jobs = [(i, *window) for i in range(len(padded)) for window in windows]
+        current, acc = -1, torch.empty(0)
+        for b in range(0, len(jobs), self.batch_size):
+            chunk = jobs[b : b + self.batch_size]
+            p = self._infer(np.stack([padded[i, y : y + win, x : x + win] for i, y, x, _ in chunk]))
+            for k, (i, y, x, w) in enumerate(chunk):
+                if i != current:
+                    if current >= 0:
+                        self._finish(acc / weight_sum, current, probs, labels)
+                    current = i
+                    acc = torch.zeros((self.config.classes, *weight_sum.shape), device=self.device)
+                acc[:, y : y + win, x : x + win].addcmul_(p[k], w)
+        self._finish(acc / weight_sum, current, probs, labels)
+
+    @staticmethod
+    def _finish(p: torch.Tensor, i: int, probs: np.ndarray, labels: np.ndarray) -> None:
+        p = p[:, : labels.shape[1], : labels.shape[2]]
+        probs[i] = p.cpu().numpy()
+        labels[i] = _argmax(p, dim=0).cpu().numpy()
+
+    def _infer(self, crops: np.ndarray) -> torch.Tensor:
+        """B×win×win×3 uint8 -> B×classes×win×win float32 probabilities on the device."""
+        # uint8 crosses to the device (a quarter of the bytes of float32); the permuted view is
+        # already channels-last in memory.
+        x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().mul_(self.scale)
+        if not self.channels_last:
+            x = x.contiguous()
+        autocast = (
+            torch.autocast("cuda", dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            logits = self._forward(x)
+        return torch.softmax(logits.float(), dim=1)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled is not None:
+            try:
+                return self._compiled(x)
+            except Exception as exc:  # compile errors surface on the first call, not at compile()
+                warnings.warn(f"compiled model failed ({exc}); running eagerly", stacklevel=3)
+                self._compiled = None
+        return self._eager(x)
+
+    def _as_batch(self, tiles: np.ndarray) -> tuple[np.ndarray, bool]:
+        c = self.config.in_channels
+        if not isinstance(tiles, np.ndarray):
+            raise TypeError(f"expected a numpy uint8 array, got {type(tiles).__name__}")
+        if tiles.dtype != np.uint8:
+            raise TypeError(f"expected uint8 pixels (0..255), got {tiles.dtype}")
+        if tiles.ndim not in (3, 4) or tiles.shape[-1] != c:
+            raise ValueError(
+                f"expected N×H×W×{c} or H×W×{c} (channels last), got shape {tiles.shape}"
+            )
+        if 0 in tiles.shape[-3:-1]:
+            raise ValueError(f"image of zero size: shape {tiles.shape}")
+        single = tiles.ndim == 3
+        return (tiles[None] if single else tiles), single
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with every Conv2d→BatchNorm2d pair in a Sequential folded into one conv.
+
+    On the CPU batch norm is a separate pass over each feature map and costs as much as the
+    narrow presets' convolutions; folded, the output is the same to float rounding.
+    """
+    model = copy.deepcopy(model).eval()
+    for seq in model.modules():
+        if isinstance(seq, nn.Sequential):
+            for k in range(len(seq) - 1):
+                conv, bn = seq[k], seq[k + 1]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    seq[k] = fuse_conv_bn_eval(conv, bn)
+                    seq[k + 1] = nn.Identity()
+    return model
+
+
+def _pad_to(images: np.ndarray, window: int) -> np.ndarray:
+    """Reflect-pad bottom and right up to the window where an image is smaller than it."""
+    _, h, w, _ = images.shape
+    if h >= window and w >= window:
+        return images
+    return np.pad(
+        images, ((0, 0), (0, max(window - h, 0)), (0, max(window - w, 0)), (0, 0)), "reflect"
+    )
+
+
+def _starts(length: int, window: int, overlap: int) -> list[int]:
+    """Evenly spread window offsets covering ``length``, neighbours sharing at least ``overlap``."""
+    if length <= window:
+        return [0]
+    n = math.ceil((length - window) / (window - overlap)) + 1
+    return [round(v) for v in np.linspace(0, length - window, n)]
+
+
+def _windows(
+    height: int, width: int, window: int, overlap: int, device: torch.device
+) -> list[Window]:
+    """(y, x, weight) of each window. A weight is 1 but for a raised-cosine ramp over the
+    ``overlap`` pixels towards each neighbouring window; the ramp is sampled at pixel centres so it
+    is never 0, and a ramp and its mirror sum to 1 where two windows overlap by exactly
+    ``overlap``. Edge and interior windows share at most nine distinct weights, built once."""
+    pos = (torch.arange(overlap, dtype=torch.float64) + 0.5) / overlap
+    ramp = torch.sin(0.5 * math.pi * pos) ** 2
+
+    def profile(start: int, length: int) -> torch.Tensor:
+        w = torch.ones(window, dtype=torch.float64)
+        if overlap and start > 0:
+            w[:overlap] = ramp
+        if overlap and start + window < length:
+            w[window - overlap :] = ramp.flip(0)
+        return w
+
+    cache: dict[tuple[bool, ...], torch.Tensor] = {}
+    out: list[Window] = []
+    for y in _starts(height, window, overlap):
+        for x in _starts(width, window, overlap):
+            key = (y > 0, y + window < height, x > 0, x + window < width)
+            if key not in cache:
+                w2 = torch.outer(profile(y, height), profile(x, width))
+                cache[key] = w2.to(device=device, dtype=torch.float32)
+            out.append((y, x, cache[key]))
+    return out
+
+
+def _argmax(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """uint8 argmax over the class axis, first class on ties, as torch.argmax; comparing classes
+    pairwise is many times faster than argmax along a strided axis on the CPU."""
+    best = p.select(dim, 0)
+    labels = torch.zeros(best.shape, dtype=torch.uint8, device=p.device)
+    for c in range(1, p.shape[dim]):
+        pc = p.select(dim, c)
+        labels.masked_fill_(pc > best, c)
+        best = torch.maximum(best, pc)
+    return labels
+
+
+__all__ = ["Segmenter", "fold_batch_norm"]

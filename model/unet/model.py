@@ -1,0 +1,172 @@
+"""The U-Net of Saito et al.: a plain encoder-decoder with concatenated skips, no pretrained parts.
+
+Two choices the paper leaves open, made as the widely used Keras U-Net (zhixuhao/unet) makes them:
+- the "2×2 upsampling convolution" is nearest-neighbour ×2 upsampling, then a 2×2 convolution
+  padded by one pixel on the bottom and right only (Keras ``padding="same"``), so the size doubles
+  exactly and the weights have the same shape as a 2×2 transposed convolution's; a ReLU follows it;
+- dropout is element-wise (``nn.Dropout``), after the first ``dropout_layers`` of those
+  up-convolutions, counted from the bottleneck.
+
+The paper lists five downsampled shapes (256² × 64 … 16² × 1024) but also "4 repeated layers";
+we follow the four poolings, which give the 64 → 1024 progression of the original U-Net.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+class UNetConfig(BaseModel):
+    """Everything needed to rebuild the network; saved beside the weights in a checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    in_channels: int = Field(3, ge=1)
+    classes: int = Field(3, ge=2)
+    width: int = Field(64, ge=1, description="feature maps at full resolution; doubled per level")
+    depth: int = Field(4, ge=1, description="number of 2×2 poolings")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    dropout_layers: int = Field(
+        3, ge=0, description="up-convolutions followed by dropout (all of them if depth is less)"
+    )
+    batch_norm: bool = False
+
+    @property
+    def multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2**self.depth
+
+    @property
+    def channels(self) -> list[int]:
+        return [self.width * 2**level for level in range(self.depth + 1)]
+
+
+PRESETS: dict[str, UNetConfig] = {
+    "paper": UNetConfig(width=64, depth=4),
+    # For CPUs: ~7 GFLOP/tile, 10-17 tiles/s on a 2-core CI machine (scripts/bench_inference.py).
+    # Batch norm steadies training of so narrow a net; the Segmenter folds it into the convs.
+    "small": UNetConfig(width=8, depth=4, batch_norm=True),
+    "tiny": UNetConfig(width=4, depth=2, batch_norm=False),
+}
+
+
+def _conv_act(c_in: int, c_out: int, kernel: int, batch_norm: bool) -> list[nn.Module]:
+    # Bias is redundant under batch norm, which has its own shift.
+    # 3×3 pads by one to keep the size; the 2×2 up-conv is padded by UpConv (asymmetrically).
+    conv = nn.Conv2d(c_in, c_out, kernel, padding=1 if kernel == 3 else 0, bias=not batch_norm)
+    layers: list[nn.Module] = [conv]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(c_out))
+    layers.append(nn.ReLU(inplace=True))
+    return layers
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3×3 convolutions with ReLU; padding 1 keeps the size."""
+
+    def __init__(self, c_in: int, c_out: int, batch_norm: bool) -> None:
+        super().__init__(
+            *_conv_act(c_in, c_out, 3, batch_norm), *_conv_act(c_out, c_out, 3, batch_norm)
+        )
+
+
+class UpConv(nn.Sequential):
+    """Nearest ×2 upsampling, then a 2×2 convolution that halves the channels (see module doc)."""
+
+    def __init__(self, c_in: int, c_out: int, batch_norm: bool) -> None:
+        super().__init__(
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.ZeroPad2d((0, 1, 0, 1)),
+            *_conv_act(c_in, c_out, 2, batch_norm),
+        )
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, batch_norm: bool, dropout: float | None) -> None:
+        super().__init__()
+        self.up = UpConv(c_in, c_out, batch_norm)
+        self.dropout = nn.Dropout(dropout) if dropout is not None else nn.Identity()
+        self.conv = DoubleConv(2 * c_out, c_out, batch_norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.dropout(self.up(x))], dim=1))
+
+
+class UNet(nn.Module):
+    """N×in_channels×H×W floats in 0..1 -> N×classes×H×W logits.
+
+    The output is logits, not the paper's softmax: the loss (cross-entropy on logits) and the
+    Segmenter apply softmax themselves, which is numerically safer and lets autocast stay off it.
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        ch, bn = config.channels, config.batch_norm
+        self.encoder = nn.ModuleList([DoubleConv(config.in_channels, ch[0], bn)])
+        self.encoder.extend(
+            nn.Sequential(nn.MaxPool2d(2), DoubleConv(ch[i - 1], ch[i], bn))
+            for i in range(1, config.depth + 1)
+        )
+        # decoder[0] sits on the bottleneck; the paper's "first" up-convolutions are those.
+        self.decoder = nn.ModuleList(
+            DecoderBlock(
+                ch[i + 1], ch[i], bn, config.dropout if k < config.dropout_layers else None
+            )
+            for k, i in enumerate(reversed(range(config.depth)))
+        )
+        self.head = nn.Conv2d(ch[0], config.classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_size(self.config, x.shape[-2], x.shape[-1])
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+        x = skips.pop()
+        for block in self.decoder:
+            x = block(x, skips.pop())
+        return self.head(x)
+
+
+def check_input_size(config: UNetConfig, height: int, width: int) -> None:
+    m = config.multiple
+    if height % m or width % m:
+        raise ValueError(
+            f"U-Net input {height}×{width} is not divisible by 2**depth = {m} in both height and "
+            f"width; pad or tile it (the Segmenter does this for any size)"
+        )
+
+
+def build_unet(config: UNetConfig | str) -> UNet:
+    """A freshly initialised U-Net from a config or a preset name."""
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ValueError(f"unknown U-Net preset {config!r}; choose from {sorted(PRESETS)}")
+        config = PRESETS[config]
+    return UNet(config)
+
+
+def gflops_per_tile(config: UNetConfig | str, size: int = 512) -> float:
+    """GFLOP (2 × multiply-adds, convolutions only) for one size×size tile in inference."""
+    # Counting on the meta device costs no memory and no arithmetic, even for the paper net.
+    with torch.device("meta"):
+        model = build_unet(config).eval()
+        x = torch.empty(1, model.config.in_channels, size, size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+__all__ = [
+    "PRESETS",
+    "UNet",
+    "UNetConfig",
+    "build_unet",
+    "check_input_size",
+    "gflops_per_tile",
+]

@@ -1,0 +1,212 @@
+"""Segmenter: probabilities and labels for tiles and for images of any size, seam-free."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from model.checkpoint import save_checkpoint
+from model.segmenter import Segmenter, fold_batch_norm
+from model.unet import UNet, UNetConfig, build_unet
+
+RNG = np.random.default_rng(0)
+
+
+class Pointwise(nn.Module):
+    """A stand-in for the U-Net whose logits depend on each pixel's colour alone, so any correct
+    tiling and blending must reproduce the whole-image result exactly: a seam or a border
+    artefact shows up as a difference."""
+
+    def __init__(self, depth: int = 4, constant: bool = False) -> None:
+        super().__init__()
+        self.config = UNetConfig(width=4, depth=depth)
+        self.conv = nn.Conv2d(3, 3, 1)
+        torch.manual_seed(0)
+        nn.init.normal_(self.conv.weight, std=0.0 if constant else 3.0)
+        nn.init.normal_(self.conv.bias, std=1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+    def reference(self, images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            return torch.softmax(self(x), dim=1).numpy()
+
+
+def _images(n: int, h: int, w: int) -> np.ndarray:
+    return RNG.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def _tiny_bn() -> UNet:
+    torch.manual_seed(2)
+    model = build_unet(UNetConfig(width=4, depth=2, batch_norm=True)).train()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32) * 2)  # running statistics away from their defaults
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "window", "overlap"),
+    [
+        (772, 688, 512, 64),  # the real data set's size: 2×2 windows
+        (300, 200, 512, 64),  # smaller than the window: reflect-padded
+        (1100, 513, 512, 64),  # an interior row of windows, a 1-pixel sliver of overlap
+        (300, 200, 64, 16),  # many windows with ramps on all four sides
+        (1, 1, 64, 16),
+        (1, 700, 64, 16),
+    ],
+)
+def test_sliding_windows_leave_no_seams(h: int, w: int, window: int, overlap: int) -> None:
+    stub = Pointwise()
+    images = _images(2, h, w)
+    probs, labels = Segmenter(stub, window=window, overlap=overlap, batch_size=3).predict(images)
+    assert probs.shape == (2, 3, h, w) and probs.dtype == np.float32
+    assert labels.shape == (2, h, w) and labels.dtype == np.uint8
+    np.testing.assert_allclose(probs, stub.reference(images), atol=1e-6)
+    np.testing.assert_array_equal(labels, probs.argmax(axis=1))
+
+
+def test_constant_logits_give_constant_probabilities() -> None:
+    stub = Pointwise(constant=True)
+    probs, labels = Segmenter(stub, window=64, overlap=16).predict(_images(1, 150, 130))
+    expected = torch.softmax(stub.conv.bias.detach(), 0).numpy()
+    np.testing.assert_allclose(
+        probs[0], np.broadcast_to(expected[:, None, None], probs[0].shape), atol=1e-6
+    )
+    assert (labels == expected.argmax()).all()
+
+
+def test_tiles_match_the_model_and_probabilities_sum_to_one() -> None:
+    model = _tiny_bn()
+    tiles = _images(3, 512, 512)
+    probs, labels = Segmenter(model, batch_size=2).predict(tiles)
+    assert probs.shape == (3, 3, 512, 512)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(labels, probs.argmax(axis=1))
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        expected = torch.softmax(model(x), dim=1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)  # batch norm folded: rounding only
+
+
+def test_real_image_blends_the_model_windows() -> None:
+    """772×688 -> windows at rows 0, 260 and columns 0, 176. Where one window alone covers a pixel
+    the result is that window's output; where windows overlap it lies between theirs."""
+    model = _tiny_bn()
+    image = _images(1, 772, 688)
+    probs, labels = Segmenter(model, window=512, overlap=64).predict(image[0])
+    assert probs.shape == (3, 772, 688) and labels.shape == (772, 688)
+
+    windows = {}
+    for y in (0, 260):
+        for x in (0, 176):
+            crop = torch.from_numpy(image[:, y : y + 512, x : x + 512]).permute(0, 3, 1, 2)
+            with torch.no_grad():
+                windows[y, x] = torch.softmax(model(crop.float() / 255), 1)[0].numpy()
+    np.testing.assert_allclose(probs[:, :260, :176], windows[0, 0][:, :260, :176], atol=1e-5)
+    np.testing.assert_allclose(probs[:, 512:, 512:], windows[260, 176][:, 252:, 336:], atol=1e-5)
+    stacked = np.full((4, 3, 772, 688), np.nan, np.float32)
+    for k, ((y, x), p) in enumerate(windows.items()):
+        stacked[k, :, y : y + 512, x : x + 512] = p
+    assert (probs >= np.nanmin(stacked, axis=0) - 1e-5).all()
+    assert (probs <= np.nanmax(stacked, axis=0) + 1e-5).all()
+
+
+@pytest.mark.parametrize("shape", [(3, 512, 512), (2, 772, 688)])
+def test_batch_size_does_not_change_results(shape: tuple[int, int, int]) -> None:
+    model = _tiny_bn()
+    images = _images(*shape)
+    p1, l1 = Segmenter(model, batch_size=1).predict(images)
+    p4, l4 = Segmenter(model, batch_size=4).predict(images)
+    np.testing.assert_allclose(p1, p4, atol=1e-6)
+    assert (l1 != l4).mean() < 1e-5  # only exact near-ties could flip
+
+
+def test_channels_first_memory_gives_the_same_result() -> None:
+    model = _tiny_bn()
+    images = _images(2, 128, 96)
+    a, _ = Segmenter(model, window=64, overlap=16).predict(images)
+    b, _ = Segmenter(model, window=64, overlap=16, channels_last=False).predict(images)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_input_validation() -> None:
+    seg = Segmenter(Pointwise(depth=2), window=64, overlap=16)
+    with pytest.raises(TypeError, match="uint8"):
+        seg.predict(np.zeros((1, 64, 64, 3), np.float32))
+    with pytest.raises(TypeError, match="numpy"):
+        seg.predict([[0, 0, 0]])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"N×H×W×3 or H×W×3 \(channels last\), got shape"):
+        seg.predict(np.zeros((1, 64, 64, 4), np.uint8))
+    with pytest.raises(ValueError, match="channels last"):
+        seg.predict(np.zeros((3, 64, 64), np.uint8))
+    with pytest.raises(ValueError, match="zero size"):
+        seg.predict(np.zeros((1, 0, 64, 3), np.uint8))
+    probs, labels = seg.predict(np.zeros((0, 10, 20, 3), np.uint8))
+    assert probs.shape == (0, 3, 10, 20) and labels.shape == (0, 10, 20)
+
+
+def test_constructor_validation() -> None:
+    stub = Pointwise(depth=4)
+    with pytest.raises(ValueError, match="multiple of 2\\*\\*depth = 16"):
+        Segmenter(stub, window=100)
+    with pytest.raises(ValueError, match="overlap"):
+        Segmenter(stub, window=64, overlap=64)
+    with pytest.raises(ValueError, match="batch_size"):
+        Segmenter(stub, batch_size=0)
+    with pytest.raises(ValueError, match="CUDA"):
+        Segmenter(stub, amp=True)
+    assert Segmenter(stub).amp_dtype is None
+
+
+def test_from_checkpoint(tmp_path) -> None:
+    model = _tiny_bn()
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, model, model.config, training={"seed": 1})
+    images = _images(2, 64, 80)
+    seg = Segmenter.from_checkpoint(path, window=64, overlap=16, batch_size=2)
+    assert seg.checkpoint is not None and seg.checkpoint.training == {"seed": 1}
+    assert seg.class_names == ("other", "monolayer", "bilayer")
+    expected, _ = Segmenter(model, window=64, overlap=16).predict(images)
+    np.testing.assert_array_equal(seg.predict(images)[0], expected)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch) -> None:
+    def broken(_model: nn.Module) -> object:
+        def call(_x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("no compiler here")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    stub = Pointwise(depth=2)
+    seg = Segmenter(stub, window=64, overlap=16, compile=True)
+    images = _images(1, 64, 64)
+    with pytest.warns(UserWarning, match="running eagerly"):
+        probs, _ = seg.predict(images)
+    np.testing.assert_allclose(probs, stub.reference(images), atol=1e-6)
+
+
+def test_fold_batch_norm_leaves_the_model_alone() -> None:
+    model = _tiny_bn()
+    folded = fold_batch_norm(model)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_model_package_imports_no_hardware_code() -> None:
+    code = (
+        "import sys, model.unet, model.checkpoint, model.segmenter\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('drivers', 'scanner'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
