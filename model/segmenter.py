@@ -164,7 +164,10 @@ class Segmenter:
         """B×win×win×3 uint8 -> B×classes×win×win float32 probabilities on the device."""
         # uint8 crosses to the device (a quarter of the bytes of float32); the permuted view is
         # already channels-last in memory.
-        x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device, non_blocking=True)
+        crops = np.ascontiguousarray(crops)
+        if not crops.flags.writeable:  # PIL hands out read-only arrays; torch warns on them
+            crops = crops.copy()
+        x = torch.from_numpy(crops).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().mul_(self.scale)
         if not self.channels_last:
             x = x.contiguous()

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from . import model_commands
+from .console import console, fail
 from .logs import configure_logging
 
 app = typer.Typer(
@@ -18,7 +19,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-console = Console(stderr=True)
 
 
 @app.callback()
@@ -32,11 +32,6 @@ def main(
         configure_logging(log_level, log_json)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--log-level") from None
-
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code=2)
 
 
 @app.command()
@@ -57,9 +52,9 @@ def synth(
     try:
         cfg = load_simulated_config(config)
     except ConfigError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     if out.exists() and any(out.iterdir()):
-        raise _fail(f"{out} already exists and is not empty; choose a new folder")
+        raise fail(f"{out} already exists and is not empty; choose a new folder")
     with Progress(
         TextColumn("[bold]synth"),
         BarColumn(),
@@ -113,8 +108,13 @@ def check(
             )
             console.print(table)
     except (ConfigError, RigCheckError, FileNotFoundError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     console.print("[green]rig ready[/]")
+
+
+app.command()(model_commands.train)
+app.command()(model_commands.evaluate)
+app.command()(model_commands.cv)
 
 
 if __name__ == "__main__":

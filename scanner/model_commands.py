@@ -1,0 +1,241 @@
+"""`flakescan train`, `evaluate` and `cv`: the model's commands, with rich progress."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .console import console, fail
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _load(path: Path):
+    from model.data import DatasetError, load_dataset
+
+    try:
+        return load_dataset(path)
+    except (DatasetError, FileNotFoundError) as e:
+        raise fail(str(e)) from None
+
+
+def train(
+    data: Annotated[list[Path], typer.Option(help="Dataset folder(s); repeat to combine.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint file to write (.pt).")],
+    recipe: Annotated[str, typer.Option(help="Defaults to start from: cpu or paper.")] = "cpu",
+    preset: Annotated[str | None, typer.Option(help="Network: paper, small or tiny.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    samples_per_epoch: Annotated[int | None, typer.Option(min=1)] = None,
+    crop: Annotated[int | None, typer.Option(min=32, help="Training crop size, px.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
+    loss: Annotated[str | None, typer.Option(help="ce or weighted.")] = None,
+    augment: Annotated[
+        str | None, typer.Option(help="none, grayscale, contrast, grayscale+contrast or full.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
+    init: Annotated[Path | None, typer.Option(help="Checkpoint to fine-tune from.")] = None,
+    val: Annotated[Path | None, typer.Option(help="Dataset folder scored every epoch.")] = None,
+) -> None:
+    """Train the U-Net on dataset folders and write a checkpoint with its config."""
+    from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from model.data import preload
+    from model.evaluate import evaluate
+    from model.segmenter import Segmenter
+    from model.train import RECIPES, TrainConfig
+    from model.train import train as run_training
+
+    if recipe not in RECIPES:
+        raise fail(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
+    overrides = {
+        k: v
+        for k, v in {
+            "preset": preset,
+            "epochs": epochs,
+            "samples_per_epoch": samples_per_epoch,
+            "crop": crop,
+            "batch_size": batch_size,
+            "lr": lr,
+            "loss": loss,
+            "augment": augment,
+            "seed": seed,
+            "device": device,
+        }.items()
+        if v is not None
+    }
+    try:
+        cfg = TrainConfig.model_validate({**RECIPES[recipe].model_dump(), **overrides})
+    except ValueError as e:
+        raise fail(str(e)) from None
+    if out.exists():
+        raise fail(f"{out} exists; choose a new checkpoint path (nothing is overwritten)")
+    datasets = [_load(d) for d in data]
+    pairs = [p for ds in datasets for p in preload(ds)]
+    model = None
+    if init is not None:
+        try:
+            model, _ = load_checkpoint(init)
+        except CheckpointError as e:
+            raise fail(str(e)) from None
+    val_set = _load(val) if val else None
+
+    def validate(m):
+        scores = evaluate(Segmenter(m, batch_size=1), val_set)
+        return {
+            "val_mpa": round(scores.mean_pixel_accuracy, 4),
+            "val_region": round(scores.regions.accuracy, 4),
+        }
+
+    steps = max(cfg.samples_per_epoch // cfg.batch_size, 1)
+    with _progress() as bar:
+        task = bar.add_task("train", total=cfg.epochs * steps, status="")
+        model, reports, weights = run_training(
+            pairs,
+            cfg,
+            model=model,
+            validate=validate if val_set else None,
+            on_step=lambda _s, loss_value: bar.update(
+                task, advance=1, status=f"loss {loss_value:.3f}"
+            ),
+            on_epoch=lambda r: bar.update(
+                task,
+                status=f"epoch {r.epoch} loss {r.train_loss:.3f}"
+                + "".join(f" {k} {v}" for k, v in r.val.items()),
+            ),
+        )
+    provenance = {
+        "datasets": [
+            {
+                "path": str(ds.root),
+                "images": len(ds),
+                "source": ds.config.model_extra.get("source", ""),
+            }
+            for ds in datasets
+        ],
+        "recipe": recipe,
+        "config": cfg.model_dump(),
+        "init": str(init) if init else None,
+        "class_weights": None if weights is None else [float(w) for w in weights],
+        "history": [{"epoch": r.epoch, "loss": r.train_loss, **r.val} for r in reports],
+    }
+    save_checkpoint(out, model, model.config, training=provenance)
+    console.print(f"wrote [bold]{out}[/]")
+
+
+def evaluate(
+    data: Annotated[Path, typer.Option(help="Dataset folder with masks.")],
+    checkpoint: Annotated[Path, typer.Option(help="Model checkpoint (.pt).")],
+    pred_out: Annotated[Path | None, typer.Option(help="Write predicted masks here.")] = None,
+    plots: Annotated[Path | None, typer.Option(help="Write ROC and PR plots here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write scores as JSON.")] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1)] = 2,
+) -> None:
+    """Score a checkpoint on a dataset folder: pixel accuracy, IoU, region accuracy, ROC/PR."""
+    from model.checkpoint import CheckpointError
+    from model.evaluate import evaluate as run_evaluation
+    from model.segmenter import Segmenter
+    from model.train import resolve_device
+
+    dataset = _load(data)
+    try:
+        segmenter = Segmenter.from_checkpoint(
+            checkpoint, device=resolve_device(device), batch_size=batch_size
+        )
+    except (CheckpointError, FileNotFoundError) as e:
+        raise fail(str(e)) from None
+    with _progress() as bar:
+        task = bar.add_task("evaluate", total=len(dataset), status="")
+        scores = run_evaluation(
+            segmenter,
+            dataset,
+            pred_out=pred_out,
+            plots=plots,
+            on_image=lambda stem: bar.update(task, advance=1, status=stem),
+        )
+    console.print(scores.format_table())
+    if json_out:
+        json_out.write_text(json.dumps(scores.as_dict(), indent=2))
+
+
+def cv(
+    data: Annotated[Path, typer.Option(help="Dataset folder with masks.")],
+    folds: Annotated[int, typer.Option(min=2)] = 3,
+    augment: Annotated[list[str] | None, typer.Option(help="Augmentation set(s).")] = None,
+    loss: Annotated[list[str] | None, typer.Option(help="ce and/or weighted.")] = None,
+    table1: Annotated[bool, typer.Option(help="The paper's Table 1 grid.")] = False,
+    subset: Annotated[int | None, typer.Option(help="Use only ~N images (paper: 24).")] = None,
+    recipe: Annotated[str, typer.Option()] = "cpu",
+    preset: Annotated[str | None, typer.Option()] = None,
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
+) -> None:
+    """k-fold cross-validation split by sample; --table1 runs the paper's grid."""
+    from model.cv import TABLE1_AUGMENTS, TABLE1_LOSSES, cross_validate
+    from model.train import RECIPES
+
+    base = RECIPES[recipe].model_copy(
+        update={
+            k: v
+            for k, v in {"preset": preset, "epochs": epochs, "seed": seed}.items()
+            if v is not None
+        }
+    )
+    augments = TABLE1_AUGMENTS if table1 else tuple(augment or ("full",))
+    losses = TABLE1_LOSSES if table1 else tuple(loss or ("weighted",))
+    dataset = _load(data)
+    with _progress() as bar:
+        task = bar.add_task("cv", total=len(augments) * len(losses) * folds, status="")
+        results = cross_validate(
+            dataset,
+            base,
+            augments=augments,
+            losses=losses,
+            folds=folds,
+            subset=subset,
+            on_fold=lambda r, k, s: bar.update(
+                task,
+                advance=1,
+                status=f"{r.augment}/{r.loss} fold {k}: mpa {s.mean_pixel_accuracy:.3f}",
+            ),
+        )
+    table = Table(title=f"{folds}-fold cross-validation by sample: {data}")
+    for col in ("augment", "loss", "mean pixel acc", "region acc", "mean IoU", "minutes"):
+        table.add_column(col)
+    for r in results:
+        row = [r.mean(m) for m in ("mean_pixel_accuracy", "region_accuracy", "mean_iou")]
+        table.add_row(
+            r.augment, r.loss, *(f"{m:.3f} ± {s:.3f}" for m, s in row), f"{r.seconds / 60:.1f}"
+        )
+    console.print(table)
+    if json_out:
+        json_out.write_text(
+            json.dumps(
+                [
+                    {
+                        "augment": r.augment,
+                        "loss": r.loss,
+                        "seconds": r.seconds,
+                        "folds": [s.as_dict() for s in r.folds],
+                    }
+                    for r in results
+                ],
+                indent=2,
+            )
+        )

@@ -1,0 +1,137 @@
+"""Evaluation output anyone can re-score, cross-validation by sample, and the model commands."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from model.cv import cross_validate, subset_by_sample
+from model.data import load_dataset
+from model.evaluate import evaluate
+from model.metrics import confusion_matrix, mean_pixel_accuracy
+from model.segmenter import Segmenter
+from model.train import TrainConfig
+from model.unet import build_unet
+from scanner.cli import app
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Six images of three 'samples', of two sizes, with raw mask value 3 meaning 'other'."""
+    root = tmp_path_factory.mktemp("ds")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for k, stem in enumerate(
+        ["train-1_1", "train-1_2", "train-2_1", "train-2_2", "test-3_1", "test-3_2"]
+    ):
+        h, w = (70, 90) if k % 2 else (64, 64)
+        mask = np.zeros((h, w), np.uint8)
+        mask[10:40, 10:40] = 1
+        mask[40:55, 10:30] = 2
+        mask[0:5, :] = 3
+        img = np.full((h, w, 3), (182, 175, 226), np.uint8)
+        img[mask == 1] = (90, 170, 120)
+        img[mask == 2] = (30, 60, 250)
+        img = np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / "images" / f"{stem}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+    (root / "dataset.yaml").write_text(
+        yaml.safe_dump({"label_values": {0: "other", 1: "monolayer", 2: "bilayer", 3: "other"}})
+    )
+    return root
+
+
+def test_predicted_masks_are_pngs_at_image_size_and_rescore_the_same(folder, tmp_path) -> None:
+    ds = load_dataset(folder)
+    torch.manual_seed(0)
+    seg = Segmenter(build_unet("tiny"), batch_size=2, window=64, overlap=16)
+    scores = evaluate(seg, ds, pred_out=tmp_path / "pred", plots=tmp_path / "plots")
+    cm = np.zeros((3, 3), np.int64)
+    for sample in ds.samples:
+        pred = np.asarray(Image.open(tmp_path / "pred" / f"{sample.stem}.png"))
+        truth = ds.read_mask(sample)
+        assert pred.shape == truth.shape and pred.dtype == np.uint8
+        assert set(np.unique(pred)) <= {0, 1, 2}
+        cm += confusion_matrix(truth, pred)
+    # an independent re-scoring of the written masks gives the reported number
+    assert mean_pixel_accuracy(cm) == pytest.approx(scores.mean_pixel_accuracy)
+    assert (tmp_path / "plots" / "roc.png").is_file()
+
+
+def test_subset_takes_whole_samples(folder) -> None:
+    ds = load_dataset(folder)
+    chosen = subset_by_sample(ds, 4, seed=1)
+    ids = [ds.samples[i].sample_id for i in chosen]
+    assert len(chosen) == 4
+    assert all(ids.count(i) == 2 for i in set(ids))
+
+
+def test_cross_validation_scores_every_fold(folder) -> None:
+    ds = load_dataset(folder)
+    cfg = TrainConfig(
+        preset="tiny", epochs=1, samples_per_epoch=4, crop=32, batch_size=2, augment="none"
+    )
+    results = cross_validate(ds, cfg, augments=("none", "contrast"), losses=("ce",), folds=3)
+    assert [(r.augment, r.loss) for r in results] == [("none", "ce"), ("contrast", "ce")]
+    for r in results:
+        assert len(r.folds) == 3
+        assert sum(s.n_images for s in r.folds) == 6  # every image validated exactly once
+        mean, std = r.mean("mean_pixel_accuracy")
+        assert 0 <= mean <= 1 and std >= 0
+
+
+def test_model_commands(folder, tmp_path) -> None:
+    runner = CliRunner()
+    ckpt = tmp_path / "m.pt"
+    args = [
+        "train",
+        "--data",
+        str(folder),
+        "--out",
+        str(ckpt),
+        "--preset",
+        "tiny",
+        "--epochs",
+        "1",
+        "--samples-per-epoch",
+        "4",
+        "--crop",
+        "32",
+        "--augment",
+        "none",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    meta = torch.load(ckpt, weights_only=True)["meta"]
+    assert meta["training"]["datasets"][0]["images"] == 6
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "exists" in again.output
+    scored = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--data",
+            str(folder),
+            "--checkpoint",
+            str(ckpt),
+            "--json",
+            str(tmp_path / "s.json"),
+        ],
+    )
+    assert scored.exit_code == 0, scored.output
+    assert "mean_pixel_accuracy" in json.loads((tmp_path / "s.json").read_text())
+    missing = runner.invoke(
+        app, ["evaluate", "--data", str(folder), "--checkpoint", str(tmp_path / "nope.pt")]
+    )
+    assert missing.exit_code == 2 and "nope.pt" in missing.output
+    bad_data = runner.invoke(
+        app, ["evaluate", "--data", str(tmp_path / "none"), "--checkpoint", str(ckpt)]
+    )
+    assert bad_data.exit_code == 2
