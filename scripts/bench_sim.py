@@ -56,8 +56,9 @@ def main() -> None:
         f"{len(world.flakes)} truth flakes (1L/2L)"
     )
     print(
-        f"  world memory: {held / 2**20:.1f} MiB held after build "
-        f"(peak {peak / 2**20:.1f} MiB while building)"
+        f"  world memory: {held / 2**20:.1f} MiB of Python objects held after build "
+        f"(peak {peak / 2**20:.1f} MiB while building); its geometry, counting GEOS's "
+        f"own copies, ≈ {world.memory_bytes() / 2**20:.1f} MiB"
     )
 
     renderer = FrameRenderer(world, cfg, seed=1)
