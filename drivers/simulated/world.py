@@ -252,8 +252,9 @@ class ChipWorld:
         for i in hit:
             xy = self._coords[i]
             dx, dy = xy[:, 0] - cx, xy[:, 1] - cy
-            col = (cos * dx + sin * dy) / pixel_size_um + (w - 1) / 2
-            row = (-sin * dx + cos * dy) / pixel_size_um + (h - 1) / 2
+            # +0.5: PIL's pixel i spans [i, i+1), so its centre sits at i + 0.5
+            col = (cos * dx + sin * dy) / pixel_size_um + (w - 1) / 2 + 0.5
+            row = (-sin * dx + cos * dy) / pixel_size_um + (h - 1) / 2 + 0.5
             draw.polygon(
                 list(zip(col.tolist(), row.tolist(), strict=True)), fill=int(self._codes[i])
             )
