@@ -5,6 +5,8 @@ through a bounded queue, so the acquisition waits when the consumer falls behind
 (back-pressure) and memory stays bounded however long the scan.
 """
 
+from __future__ import annotations
+
 import asyncio
 import concurrent.futures
 import threading
