@@ -16,12 +16,29 @@ from dataclasses import dataclass
 import structlog
 from pymmcore_plus import CMMCorePlus
 
-from .plan import FieldOfView, to_mda_sequence
+from .plan import FieldOfView, check_against_limits, check_focus_plan, to_mda_sequence
 from .safe_engine import AcquisitionConfig, FieldResult, SafeMDAEngine
 
 log = structlog.get_logger("flakescan.acquisition")
 
-__all__ = ["Acquisition", "AcquisitionConfig", "AcquisitionError", "FieldResult", "SafeMDAEngine"]
+__all__ = [
+    "Acquisition",
+    "AcquisitionConfig",
+    "AcquisitionError",
+    "FieldResult",
+    "SafeMDAEngine",
+    "StageLimits",
+]
+
+
+@dataclass(frozen=True)
+class StageLimits:
+    """Where the stage and focus drive may go (the rig config's soft limits and safe Z)."""
+
+    x_limits_um: tuple[float, float]
+    y_limits_um: tuple[float, float]
+    safe_z_um: float
+    lower_z_um: float = float("-inf")
 
 
 class AcquisitionError(RuntimeError):
@@ -59,9 +76,15 @@ class Acquisition:
         z_um: Callable[[float, float], float] | None = None,
         config: AcquisitionConfig | None = None,
         queue_size: int = 8,
+        limits: StageLimits | None = None,
     ) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
+        if limits is not None:
+            # Refused here, before anything moves: a real stage has no soft limits of its own.
+            check_against_limits(fields, limits.x_limits_um, limits.y_limits_um)
+            if z_um is not None:
+                check_focus_plan(fields, z_um, limits.safe_z_um, limits.lower_z_um)
         self.core = core
         self.fields = list(fields)
         self.z_um = z_um

@@ -107,7 +107,8 @@ def check(
                 "pixel size", core.getCurrentPixelSizeConfig(), f"{core.getPixelSizeUm():.4f} µm"
             )
             console.print(table)
-    except (ConfigError, RigCheckError, FileNotFoundError) as e:
+    except (ConfigError, RigCheckError, FileNotFoundError, RuntimeError) as e:
+        # RuntimeError: a device failed to start (RigStartError) or the .cfg would not load
         raise fail(str(e)) from None
     console.print("[green]rig ready[/]")
 

@@ -8,6 +8,7 @@ top bounds, and the last row and column may overhang the outline's far bounds.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -193,3 +194,25 @@ def _offsets(length: int, tile: int) -> list[int]:
     if offsets[-1] + tile < length:
         offsets.append(length - tile)
     return offsets
+
+
+def check_focus_plan(
+    fields: Sequence[FieldOfView],
+    z_um: Callable[[float, float], float],
+    safe_z_um: float,
+    lower_z_um: float = -math.inf,
+    *,
+    show: int = 5,
+) -> None:
+    """Refuse a plan whose focus map asks for a Z above the safe Z (or below the lower limit).
+
+    A badly fitted focus surface must stop the scan before the objective meets the chip.
+    """
+    bad = [(f, z) for f in fields if not lower_z_um <= (z := z_um(f.x_um, f.y_um)) <= safe_z_um]
+    if bad:
+        listed = ", ".join(f"{f.name} z {z:.2f} µm" for f, z in bad[:show])
+        more = f" and {len(bad) - show} more" if len(bad) > show else ""
+        raise ValueError(
+            f"{len(bad)} of {len(fields)} fields would need a focus Z outside "
+            f"{lower_z_um:g}..{safe_z_um:g} µm (safe Z {safe_z_um:g} µm): {listed}{more}"
+        )

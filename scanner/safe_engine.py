@@ -45,7 +45,8 @@ class AcquisitionConfig(BaseModel):
     position_tolerance_um: Annotated[float, Field(gt=0)] = 1.0
     #: a frame whose mean is below `black_level` (lamp or shutter failure) is a failed snap
     reject_black_frames: bool = True
-    black_level: NonNegative = 2.0
+    #: a closed lamp shutter reads ~3 (read noise); bare oxide ~170, the stage insert ~40
+    black_level: NonNegative = 10.0
     #: wait after the stage reports arrival, for a rig whose stage rings on after settling
     settle_extra_ms: NonNegative = 0.0
 
@@ -247,7 +248,9 @@ def _blame(what: str, core: CMMCorePlus, device: str | None) -> Iterator[None]:
             # A stalled stage stays busy until told to stop; the retry needs it usable.
             _stop_quietly(core, device)
         msg = str(e) or type(e).__name__
-        if not msg.lower().startswith(what.split()[0]):  # the adapter's words may name it
+        # A refusal names its device and never moved; other errors get what failed in front,
+        # unless the adapter's words already start with it.
+        if not isinstance(e, ValueError) and not msg.lower().startswith(what.split()[0]):
             msg = f"{what}: {msg}"
         raise _AttemptFailed(msg, retry=not isinstance(e, ValueError)) from e
 

@@ -19,6 +19,7 @@ from scanner.acquisition import (
     AcquisitionError,
     FieldResult,
     SafeMDAEngine,
+    StageLimits,
 )
 from scanner.plan import ChipOutline, FieldOfView, plan_fields
 
@@ -184,7 +185,37 @@ def test_a_field_beyond_the_soft_limits_is_refused_once_and_recorded(make_core) 
     assert refused.attempts == 1  # a refusal would only be refused again
     assert refused.error is not None and "stage" in refused.error
     assert "soft limits" in refused.error
+    assert "did not arrive" not in refused.error  # it was refused, it never moved
     assert refused.stage_xy_um is not None  # where the stage stayed, for the record
+
+
+def test_a_plan_outside_the_rig_limits_is_refused_before_anything_moves(make_core) -> None:
+    core = _rig(make_core)
+    cfg = core.simulation.cfg
+    limits = StageLimits(
+        x_limits_um=cfg.xy_stage.x_limits_um,
+        y_limits_um=cfg.xy_stage.y_limits_um,
+        safe_z_um=cfg.focus_drive.safe_z_um,
+        lower_z_um=cfg.focus_drive.lower_limit_um,
+    )
+    start = core.getXYPosition()
+    beyond = FieldOfView(index=9, row=3, col=0, x_um=13_000.0, y_um=500.0)
+    with pytest.raises(ValueError, match="outside"):
+        Acquisition(core, [*_fields(), beyond], limits=limits)
+    with pytest.raises(ValueError, match="safe"):
+        Acquisition(core, _fields(), z_um=lambda x, y: cfg.focus_drive.safe_z_um + 5, limits=limits)
+    assert core.getXYPosition() == pytest.approx(start)
+    ok = Acquisition(core, _fields(), z_um=_focus(core), limits=limits)
+    assert all(r.ok for r in _scan(ok))
+
+
+def test_a_closed_lamp_shutter_frame_counts_as_black(make_core) -> None:
+    core = _rig(make_core)
+    core.setAutoShutter(False)
+    core.setShutterOpen(False)  # the lamp's shutter stuck closed: read noise only
+    results = _scan(Acquisition(core, _fields()[:2], config=AcquisitionConfig(retries=0)))
+    assert [r.ok for r in results] == [False, False]
+    assert all("black frame" in (r.error or "") for r in results)
 
 
 # ------------------------------------------------------------------ the thread and the queue

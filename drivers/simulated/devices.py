@@ -85,24 +85,22 @@ class SimXYStage(XYStageDevice):
         with s.lock:
             target = np.array([x, y], dtype=float)
             if s.faults.strikes("stage_position_error"):
-                target = (
-                    target
-                    + s.faults.direction("stage_position_error") * s.cfg.faults.position_error_um
-                )
+                off = s.faults.direction("stage_position_error") * s.cfg.faults.position_error_um
+                # the stage misses its target but never leaves its travel range
+                target = np.clip(target + off, (xlo, ylo), (xhi, yhi))
                 log.warning("sim.fault", fault="stage_position_error", target=[x, y])
             start = s.xy_um()
-            s.xy_move = AxisMove.begin(start, target, s.cfg.xy_stage.timing, s.clock)
             s.xy_stalled = s.faults.strikes("stage_timeout")
             if s.xy_stalled:
+                # A stalled stage stops part-way and never reports arrival; the camera sees
+                # where it stopped, not the target.
+                target = start + 0.5 * (target - start)
                 log.warning("sim.fault", fault="stage_timeout", target=[x, y])
+            s.xy_move = AxisMove.begin(start, target, s.cfg.xy_stage.timing, s.clock)
 
     def get_position_um(self) -> tuple[float, float]:
         with self.scope.lock:
-            if self.scope.xy_stalled:  # a stalled stage stops part-way
-                m = self.scope.xy_move
-                p = m.start + 0.5 * (m.target - m.start)
-            else:
-                p = self.scope.xy_um()
+            p = self.scope.xy_um()
         return float(p[0]), float(p[1])
 
     def busy(self) -> bool:
@@ -240,7 +238,8 @@ class SimRGBCamera(SimpleCameraDevice):
             shutter_open = s.shutter_open
         s.clock.add(exposure_s=exposure_ms / 1000)
         s.clock.sleep(exposure_ms / 1000)
-        s.frames += 1
+        with s.lock:
+            s.frames += 1
         if s.faults.strikes("black_frame"):
             buffer[:] = 0
         elif not shutter_open:

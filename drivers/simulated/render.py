@@ -9,6 +9,7 @@ material (optics.py) -> optical blur (diffraction + defocus) -> motion smear -> 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .config import ObjectiveConfig, SimulatedRigConfig
-from .optics import DUST_CODE, N_MATERIALS, MaterialColours, material_colours
+from .optics import N_MATERIALS, MaterialColours, material_colours
 from .world import OFF_CHIP_CODE, ChipWorld
 
 #: reflectance of the stage insert around the chip
@@ -77,6 +78,9 @@ class FrameRenderer:
         self._lut = np.concatenate(lut).astype(np.uint8)
         offsets = np.arange(3, dtype=np.int32) * _GAMMA_LEVELS
         self._channel_offset = np.ascontiguousarray(np.broadcast_to(offsets, (h, w, 3)))
+        # render() reuses these buffers; the lock keeps two snaps (e.g. a live view during an
+        # MDA run) from writing into each other's frames.
+        self._lock = threading.Lock()
         self._electrons = np.empty((h, w, 3), dtype=np.float32)
         self._scratch = np.empty((h, w, 3), dtype=np.float32)
         self._index = np.empty((h, w, 3), dtype=np.int32)
@@ -99,7 +103,13 @@ class FrameRenderer:
         """Linear RGB reflectance (mirror = 1) of the field, blurred and smeared: float32 H×W×3."""
         px = self.pixel_size_um(exp.objective)
         sigma = blur_sigma_px(exp.defocus_um, exp.objective.na, px)
-        smear_px = np.asarray(exp.smear_um) / px
+        # stage travel -> image axes, with the camera's rotation as in material_raster
+        cos, sin = (
+            np.cos(np.radians(self.cfg.camera.rotation_deg)),
+            np.sin(np.radians(self.cfg.camera.rotation_deg)),
+        )
+        dx, dy = exp.smear_um
+        smear_px = np.array([cos * dx + sin * dy, -sin * dx + cos * dy]) / px
         # Render a margin so blur and smear pull in what lies just outside the field.
         sigma = min(sigma, _MAX_BLUR_PX)
         margin = min(math.ceil(3 * sigma + np.abs(smear_px).max()) + 1, 256)
@@ -111,7 +121,6 @@ class FrameRenderer:
         lut[:N_MATERIALS] = self._colours_for(exp.objective).linear_rgb(
             self.world.oxide_nm(*exp.center_um)
         )
-        lut[DUST_CODE] = 0.04
         lut[OFF_CHIP_CODE] = _OFF_CHIP_REFLECTANCE
         background = int(
             np.bincount(codes[:: max(h // 32, 1), :: max(w // 32, 1)].ravel()).argmax()
@@ -134,6 +143,10 @@ class FrameRenderer:
 
     def render(self, exp: Exposure, out: np.ndarray | None = None) -> np.ndarray:
         """The 8-bit RGB frame (H×W×3 uint8); written into `out` if given."""
+        with self._lock:
+            return self._render(exp, out)
+
+    def _render(self, exp: Exposure, out: np.ndarray | None) -> np.ndarray:
         cam = self.cfg.camera
         h, w = self.shape
         e, tmp, idx = self._electrons, self._scratch, self._index
@@ -164,6 +177,10 @@ class FrameRenderer:
 
     def dark_frame(self, exposure_ms: float, out: np.ndarray | None = None) -> np.ndarray:
         """What the camera reads with the lamp shutter closed: read noise around zero."""
+        with self._lock:
+            return self._dark_frame(out)
+
+    def _dark_frame(self, out: np.ndarray | None) -> np.ndarray:
         h, w = self.shape
         oy, ox = self._rng.integers(0, 64, size=2)
         e = self._electrons
