@@ -36,7 +36,7 @@ class TrainConfig(BaseModel):
     batch_size: Annotated[int, Field(ge=1)] = 4
     lr: Annotated[float, Field(gt=0)] = 1e-3
     loss: Literal["ce", "weighted"] = "weighted"
-    augment: str = "full"
+    augment: str = "contrast"
     seed: int = 0
     device: str = "auto"
     #: bf16/fp16 autocast on CUDA; ignored on CPU
