@@ -62,7 +62,7 @@ def cross_validate(
     dataset: Dataset,
     base: TrainConfig,
     *,
-    augments: Sequence[str] = ("full",),
+    augments: Sequence[str] = ("contrast",),
     losses: Sequence[str] = ("weighted",),
     folds: int = 3,
     subset: int | None = None,

@@ -197,8 +197,8 @@ def cv(
             if v is not None
         }
     )
-    augments = TABLE1_AUGMENTS if table1 else tuple(augment or ("full",))
-    losses = TABLE1_LOSSES if table1 else tuple(loss or ("weighted",))
+    augments = TABLE1_AUGMENTS if table1 else tuple(augment or (base.augment,))
+    losses = TABLE1_LOSSES if table1 else tuple(loss or (base.loss,))
     dataset = _load(data)
     with _progress() as bar:
         task = bar.add_task("cv", total=len(augments) * len(losses) * folds, status="")
