@@ -84,20 +84,14 @@ class FrameRenderer:
         self._electrons = np.empty((h, w, 3), dtype=np.float32)
         self._scratch = np.empty((h, w, 3), dtype=np.float32)
         self._index = np.empty((h, w, 3), dtype=np.int32)
-        self._colours: dict[str, MaterialColours] = {}
 
     def pixel_size_um(self, objective: ObjectiveConfig) -> float:
-        return self.cfg.camera.pixel_pitch_um / objective.magnification
+        return self.cfg.pixel_size_um(objective.label)
 
     def _colours_for(self, objective: ObjectiveConfig) -> MaterialColours:
-        # Built on first use: a table takes a fraction of a second, and most scans use one
-        # objective.
-        if objective.label not in self._colours:
-            lo, hi = self.world.oxide_range_nm()
-            self._colours[objective.label] = material_colours(
-                lo, hi, self.cfg.optics.lamp_kelvin, objective.na
-            )
-        return self._colours[objective.label]
+        # material_colours is cached: built on first use of an objective, shared after that.
+        lo, hi = self.world.oxide_range_nm()
+        return material_colours(lo, hi, self.cfg.optics.lamp_kelvin, objective.na)
 
     def reflectance(self, exp: Exposure) -> np.ndarray:
         """Linear RGB reflectance (mirror = 1) of the field, blurred and smeared: float32 H×W×3."""
