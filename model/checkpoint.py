@@ -22,6 +22,8 @@ from model.unet import UNet, UNetConfig, build_unet
 FORMAT_VERSION = 1
 CLASS_NAMES: tuple[str, ...] = ("other", "monolayer", "bilayer")
 NORMALISATION: dict[str, float] = {"scale": 1 / 255}
+#: The shipped default model (trained on synthetic micrographs only; docs/model_card.md).
+DEFAULT_CHECKPOINT: Path = Path(__file__).resolve().parent / "weights" / "default.pt"
 
 
 class CheckpointError(ValueError):
@@ -164,6 +166,7 @@ def _few(items: list[str], n: int = 5) -> str:
 
 __all__ = [
     "CLASS_NAMES",
+    "DEFAULT_CHECKPOINT",
     "FORMAT_VERSION",
     "NORMALISATION",
     "Checkpoint",

@@ -139,7 +139,10 @@ def train(
 
 def evaluate(
     data: Annotated[Path, typer.Option(help="Dataset folder with masks.")],
-    checkpoint: Annotated[Path, typer.Option(help="Model checkpoint (.pt).")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Model checkpoint (.pt); default: the shipped model/weights/default.pt."),
+    ] = None,
     pred_out: Annotated[Path | None, typer.Option(help="Write predicted masks here.")] = None,
     plots: Annotated[Path | None, typer.Option(help="Write ROC and PR plots here.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write scores as JSON.")] = None,
@@ -147,12 +150,15 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(min=1)] = 2,
 ) -> None:
     """Score a checkpoint on a dataset folder: pixel accuracy, IoU, region accuracy, ROC/PR."""
-    from model.checkpoint import CheckpointError
+    from model.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
     from model.evaluate import evaluate as run_evaluation
     from model.segmenter import Segmenter
     from model.train import resolve_device
 
     dataset = _load(data)
+    if checkpoint is None:
+        checkpoint = DEFAULT_CHECKPOINT
+        console.print(f"checkpoint: the shipped default model, {checkpoint}")
     try:
         segmenter = Segmenter.from_checkpoint(
             checkpoint, device=resolve_device(device), batch_size=batch_size

@@ -1,0 +1,68 @@
+"""The shipped default model: where it lives, that `flakescan evaluate` uses it, and its size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+import model.checkpoint as checkpoint_module
+from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
+from model.unet import build_unet
+from scanner.cli import app
+
+
+def _tiny_folder(root):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:40, 10:40] = 1
+    img = np.full((64, 64, 3), (182, 175, 226), np.uint8)
+    img[mask == 1] = (90, 170, 120)
+    Image.fromarray(img).save(root / "images" / "a-1_1.png")
+    Image.fromarray(mask).save(root / "masks" / "a-1_1.png")
+    (root / "dataset.yaml").write_text(
+        yaml.safe_dump({"label_values": {0: "other", 1: "monolayer", 2: "bilayer"}})
+    )
+    return root
+
+
+def test_default_checkpoint_is_inside_the_model_package() -> None:
+    assert DEFAULT_CHECKPOINT.name == "default.pt"
+    assert DEFAULT_CHECKPOINT.parent.name == "weights"
+    assert DEFAULT_CHECKPOINT.parent.parent == checkpoint_module.Path(
+        checkpoint_module.__file__
+    ).resolve().parent
+
+
+def test_evaluate_without_checkpoint_uses_the_default(tmp_path, monkeypatch) -> None:
+    folder = _tiny_folder(tmp_path / "ds")
+    torch.manual_seed(0)
+    net = build_unet("tiny")
+    fake_default = tmp_path / "weights" / "default.pt"
+    save_checkpoint(fake_default, net, net.config)
+    monkeypatch.setattr(checkpoint_module, "DEFAULT_CHECKPOINT", fake_default)
+    result = CliRunner().invoke(
+        app, ["evaluate", "--data", str(folder), "--json", str(tmp_path / "s.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "default" in result.output
+    assert (tmp_path / "s.json").is_file()
+    # and a missing default is a clear failure, not a traceback
+    monkeypatch.setattr(checkpoint_module, "DEFAULT_CHECKPOINT", tmp_path / "none.pt")
+    result = CliRunner().invoke(app, ["evaluate", "--data", str(folder)])
+    assert result.exit_code != 0
+    assert "none.pt" in result.output
+
+
+@pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shipped weights in this tree")
+def test_shipped_weights_are_small_and_load() -> None:
+    assert DEFAULT_CHECKPOINT.stat().st_size <= 10 * 1024 * 1024
+    net, meta = load_checkpoint(DEFAULT_CHECKPOINT)
+    assert meta.class_names == ("other", "monolayer", "bilayer")
+    with torch.no_grad():
+        out = net(torch.zeros(1, 3, 64, 64))
+    assert out.shape == (1, 3, 64, 64)
