@@ -33,9 +33,10 @@ def _tiny_folder(root):
 def test_default_checkpoint_is_inside_the_model_package() -> None:
     assert DEFAULT_CHECKPOINT.name == "default.pt"
     assert DEFAULT_CHECKPOINT.parent.name == "weights"
-    assert DEFAULT_CHECKPOINT.parent.parent == checkpoint_module.Path(
-        checkpoint_module.__file__
-    ).resolve().parent
+    assert (
+        DEFAULT_CHECKPOINT.parent.parent
+        == checkpoint_module.Path(checkpoint_module.__file__).resolve().parent
+    )
 
 
 def test_evaluate_without_checkpoint_uses_the_default(tmp_path, monkeypatch) -> None:

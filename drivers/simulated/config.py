@@ -76,6 +76,11 @@ class OpticsConfig(_Strict):
     gamma: Annotated[float, Field(ge=1, le=3)] = 2.2
     #: fractional drop of brightness from the centre to the corner of the field
     vignetting: Fraction = 0.18
+    #: linear illumination gradient across the field (uneven Köhler alignment): brightness
+    #: goes from 1 - tilt/2 at one corner to 1 + tilt/2 at the opposite one
+    illumination_tilt: Annotated[float, Field(ge=0, le=0.5)] = 0.0
+    #: direction the field gets brighter towards, degrees from the +column axis
+    illumination_tilt_deg: float = 0.0
 
 
 class ObjectiveConfig(_Strict):
@@ -113,6 +118,14 @@ class CameraConfig(_Strict):
     read_noise_e: Annotated[float, Field(ge=0)] = 12.0
     #: the camera's rotation relative to the stage axes (a real rig is calibrated for it)
     rotation_deg: float = 0.0
+    #: the camera's colour matrix, applied to the 8-bit R, G, B levels after gamma (rows:
+    #: output channel, columns: input); it stands in for spectral crosstalk. identity = none
+    colour_mixing: tuple[
+        tuple[float, float, float], tuple[float, float, float], tuple[float, float, float]
+    ] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+    #: Gaussian noise (8-bit levels, sigma) added after gamma: amplifier, demosaicing and
+    #: processing noise that photon statistics alone do not give
+    output_noise_dn: Annotated[float, Field(ge=0, le=20)] = 0.0
 
 
 class AxisTiming(_Strict):

@@ -62,12 +62,19 @@ class FrameRenderer:
         r = (np.arange(h) - (h - 1) / 2)[:, None] / (h / 2)
         c = (np.arange(w) - (w - 1) / 2)[None, :] / (w / 2)
         falloff = 1.0 - optics.vignetting * (r**2 + c**2) / 2
+        if optics.illumination_tilt:
+            # r and c run -1..1: the projection onto the tilt direction runs -√2..√2 at most
+            a = math.radians(optics.illumination_tilt_deg)
+            along = (c * math.cos(a) - r * math.sin(a)) / (abs(math.cos(a)) + abs(math.sin(a)))
+            falloff = falloff * (1.0 + optics.illumination_tilt / 2 * along)
         # Full H×W×3 arrays rather than broadcasts: numpy is several times slower when a
         # broadcast axis is the innermost one.
         self._vignette = np.repeat(falloff.astype(np.float32)[..., None], 3, axis=2)
         # A bank of Gaussian noise read at a random offset per frame: drawing 786k normals
         # per frame would cost more than the rest of the render.
         self._noise = self._rng.standard_normal((h + 64, w + 64, 3), dtype=np.float32)
+        mixing = np.asarray(cam.colour_mixing, dtype=np.float32)
+        self._mixing = None if np.array_equal(mixing, np.eye(3)) else mixing
         # White balance and gamma in one lookup table per channel, indexed by the clipped
         # signal (0..levels-1) plus the channel's offset into the table.
         levels = np.linspace(0, 1, _GAMMA_LEVELS, dtype=np.float64)
@@ -152,7 +159,23 @@ class FrameRenderer:
         oy, ox = self._rng.integers(0, 64, size=2)
         tmp *= self._noise[oy : oy + h, ox : ox + w]
         e += tmp
-        return self._digitise(e, idx, out)
+        frame = self._digitise(e, idx, out)
+        if self._mixing is None and cam.output_noise_dn == 0:
+            return frame
+        # The camera's processing after gamma: colour matrix, then its own noise.
+        levels = frame.astype(np.float32)
+        if self._mixing is not None:
+            levels = levels @ self._mixing.T
+        if cam.output_noise_dn > 0:
+            oy, ox = self._rng.integers(0, 64, size=2)
+            # the bank flipped: independent of the shot noise drawn from it above
+            levels += (
+                np.float32(cam.output_noise_dn) * self._noise[::-1, ::-1][oy : oy + h, ox : ox + w]
+            )
+        np.clip(levels, 0, 255, out=levels)
+        np.rint(levels, out=levels)
+        frame[:] = levels
+        return frame
 
     def _digitise(
         self, electrons: np.ndarray, idx: np.ndarray, out: np.ndarray | None

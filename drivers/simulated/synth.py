@@ -46,16 +46,48 @@ class TileRecipe:
     read_noise_e: float
     defocus_um: float
     jpeg_quality: int
+    crosstalk: float = 0.0
+    illumination_tilt: float = 0.0
+    output_noise_dn: float = 0.0
 
 
 SYNTH_CHIP_UM = 800.0
 
+#: Camera colour mixing fitted to real micrographs (scripts/compare_realism.py): blue takes
+#: 0.6 of red, green 0.3 of red. Without it the simulated blue contrast of thin MoS2 has the
+#: wrong sign. Each synthetic chip mixes `t` of it with the identity, t in CROSSTALK_RANGE.
+CROSSTALK_MATRIX = ((1.0, 0.0, 0.0), (0.3, 0.7, 0.0), (0.6, 0.0, 0.4))
+CROSSTALK_RANGE = (0.4, 1.5)
+#: share of chips without crosstalk (identity: the simulated rig's own default look)
+NO_CROSSTALK_SHARE = 0.2
+#: linear illumination gradient (fraction, corner to corner); real tiles median ~0.09
+TILT_RANGE = (0.0, 0.4)
+#: post-gamma noise (8-bit levels, sigma); real tiles keep ~3x the noise of shot noise alone
+OUTPUT_NOISE_RANGE = (0.0, 4.0)
+
+
+def crosstalk_matrix(t: float) -> tuple[tuple[float, float, float], ...]:
+    """(1 - t)·identity + t·CROSSTALK_MATRIX: t=0 is no crosstalk, t=1 the fitted camera."""
+    eye = np.eye(3)
+    m = (1 - t) * eye + t * np.asarray(CROSSTALK_MATRIX)
+    return tuple(tuple(float(v) for v in row) for row in m)
+
 
 def randomised_chip(
-    base: SimulatedRigConfig, rng: np.random.Generator, seed: int
+    base: SimulatedRigConfig, rng: np.random.Generator, seed: int, *, randomise: bool = True
 ) -> SimulatedRigConfig:
-    """A small chip with its own wafer, lamp and camera settings, dense with thin flakes."""
+    """A small chip with its own wafer, lamp and camera settings, dense with thin flakes.
+
+    With ``randomise=False`` the lamp, optics and camera stay exactly the base config's (the
+    rig's own look, for checking a model on what a scan of that rig will see); the chip is
+    still small and dense with flakes.
+    """
     data = base.model_dump()
+    lo_um = float(rng.uniform(6, 25))
+    # A scan's own look (the base config, e.g. configs/simulated.yaml) on some chips; the rest
+    # spread around it and towards real micrographs.
+    crosstalk = 0.0 if rng.random() < NO_CROSSTALK_SHARE else float(rng.uniform(*CROSSTALK_RANGE))
+    blue_gain = float(rng.uniform(0.9, 1.1)) * (1.3 if rng.random() < 0.2 else 1.0)
     data.update(
         seed=seed,
         time_scale=0.0,
@@ -70,29 +102,50 @@ def randomised_chip(
         },
         flakes={
             **data["flakes"],
-            "thin_flakes_per_mm2": 30.0,
+            "thin_flakes_per_mm2": 40.0,
             "bulk_pieces_per_mm2": 30.0,
             "residue_per_mm2": 10.0,
             "dust_per_mm2": 30.0,
-            "monolayer_size_um": (4.0, 40.0),
+            # real tiles are mostly monolayer at high magnification: some chips grow large ones
+            "monolayer_size_um": (lo_um, float(rng.uniform(lo_um + 15, 90))),
+            "monolayer_fraction": 0.9,
         },
         optics={
             "lamp_kelvin": float(rng.uniform(2800, 4200)),
-            "white_balance": tuple(float(g) for g in rng.uniform(0.9, 1.1, size=3)),
+            # blue gain > 1 on some chips: the blue channel saturates on bright substrate,
+            # as in about one real micrograph in six
+            "white_balance": (*(float(g) for g in rng.uniform(0.9, 1.1, size=2)), blue_gain),
             "gamma": float(rng.uniform(1.8, 2.5)),
-            "vignetting": float(rng.uniform(0.0, 0.15)),
+            "vignetting": float(rng.uniform(0.0, 0.2)),
+            "illumination_tilt": float(rng.uniform(*TILT_RANGE)),
+            "illumination_tilt_deg": float(rng.uniform(0, 360)),
         },
         camera={
             **data["camera"],
             # 0.06-0.15 µm per pixel at 100×: cameras and relay lenses differ between labs
-            "pixel_pitch_um": float(rng.uniform(6, 15)),
-            "exposure_ms": float(rng.uniform(35, 75)),
+            "pixel_pitch_um": float(rng.uniform(6, 16)),
+            # a few dim, under-exposed chips
+            "exposure_ms": float(rng.uniform(35, 75) if rng.random() > 0.1 else rng.uniform(8, 30)),
             # Small pixels hold few electrons: shot noise that survives JPEG, as in real tiles.
-            "full_well_e": (full_well := float(rng.uniform(3500, 6000))),
-            "electrons_per_ms": 0.05 * full_well,
+            # (a fifth keep the base camera's deeper wells: its cleaner look)
+            **(
+                {
+                    "full_well_e": (full_well := float(rng.uniform(3500, 6000))),
+                    "electrons_per_ms": 0.05 * full_well,
+                }
+                if rng.random() > 0.2
+                else {}
+            ),
             "read_noise_e": float(rng.uniform(5, 30)),
+            "colour_mixing": crosstalk_matrix(crosstalk),
+            "output_noise_dn": float(rng.uniform(*OUTPUT_NOISE_RANGE)),
         },
     )
+    if not randomise:
+        data["optics"] = base.optics.model_dump()
+        data["camera"] = base.camera.model_dump()
+        data["chip"]["oxide_nm"] = base.chip.oxide_nm
+        data["chip"]["oxide_drift_nm"] = base.chip.oxide_drift_nm
     data["xy_stage"]["x_limits_um"] = (-1000.0, SYNTH_CHIP_UM + 1000)
     data["xy_stage"]["y_limits_um"] = (-1000.0, SYNTH_CHIP_UM + 1000)
     return SimulatedRigConfig.model_validate(data)
@@ -106,8 +159,11 @@ def write_synthetic_dataset(
     *,
     tiles_per_chip: int = 8,
     progress: Callable[[int], None] | None = None,
+    randomise: bool = True,
 ) -> Path:
     """Write `count` tiles as a dataset folder (images/, masks/, dataset.yaml).
+
+    ``randomise=False`` keeps the base config's lamp, optics and camera on every chip.
 
     Refuses a folder that already holds files, so nothing written before is lost.
     """
@@ -123,7 +179,7 @@ def write_synthetic_dataset(
     with (out / "metadata.jsonl").open("w") as meta:
         while written < count:
             chip_seed = int(rng.integers(2**31))
-            cfg = randomised_chip(base, rng, chip_seed)
+            cfg = randomised_chip(base, rng, chip_seed, randomise=randomise)
             n = min(tiles_per_chip, count - written)
             with closing_core(create_simulated_core(cfg)) as core:
                 for recipe, image, mask in _tiles(core, cfg, rng, n, written, chip_seed):
@@ -148,16 +204,16 @@ def _tiles(
     fov = np.array([w, h]) * px
     for i in range(n):
         roll = rng.random()
-        if thin and roll < 0.7:
+        if thin and roll < 0.8:
             target, c = "flake", thin[rng.integers(len(thin))].polygon.centroid
-        elif thick and roll < 0.85:
+        elif thick and roll < 0.9:
             target, c = "debris", thick[rng.integers(len(thick))].polygon.centroid
         else:
             target, c = "random", None
         if c is None:
             x, y = rng.uniform(0, cfg.chip.width_um), rng.uniform(0, cfg.chip.height_um)
         else:
-            x, y = np.array([c.x, c.y]) + rng.uniform(-0.3, 0.3, 2) * fov
+            x, y = np.array([c.x, c.y]) + rng.uniform(-0.2, 0.2, 2) * fov
         if rng.random() > 0.05:  # a few tiles see the chip's edge, as a scan's border fields do
             x = float(np.clip(x, fov[0] / 2, cfg.chip.width_um - fov[0] / 2))
             y = float(np.clip(y, fov[1] / 2, cfg.chip.height_um - fov[1] / 2))
@@ -185,8 +241,16 @@ def _tiles(
             read_noise_e=round(cfg.camera.read_noise_e, 2),
             defocus_um=round(defocus, 3),
             jpeg_quality=int(rng.integers(70, 91)),
+            crosstalk=round(_crosstalk_of(cfg), 3),
+            illumination_tilt=round(cfg.optics.illumination_tilt, 3),
+            output_noise_dn=round(cfg.camera.output_noise_dn, 3),
         )
         yield recipe, image, mask
+
+
+def _crosstalk_of(cfg: SimulatedRigConfig) -> float:
+    """t such that cfg's colour mixing is crosstalk_matrix(t) (read off blue <- red)."""
+    return cfg.camera.colour_mixing[2][0] / CROSSTALK_MATRIX[2][0]
 
 
 def _save(out: Path, recipe: TileRecipe, image: np.ndarray, mask: np.ndarray) -> None:
