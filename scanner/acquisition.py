@@ -17,7 +17,7 @@ import structlog
 from pymmcore_plus import CMMCorePlus
 
 from .plan import FieldOfView, check_against_limits, check_focus_plan, to_mda_sequence
-from .safe_engine import AcquisitionConfig, FieldResult, SafeMDAEngine
+from .safe_engine import AcquisitionConfig, FieldResult, RefocusConfig, SafeMDAEngine
 
 log = structlog.get_logger("flakescan.acquisition")
 
@@ -26,6 +26,7 @@ __all__ = [
     "AcquisitionConfig",
     "AcquisitionError",
     "FieldResult",
+    "RefocusConfig",
     "SafeMDAEngine",
     "StageLimits",
 ]
@@ -77,6 +78,7 @@ class Acquisition:
         config: AcquisitionConfig | None = None,
         queue_size: int = 8,
         limits: StageLimits | None = None,
+        refocus: RefocusConfig | None = None,
     ) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
@@ -92,7 +94,9 @@ class Acquisition:
         #: results the acquisition thread has finished (consumed or not): progress reporting
         self.produced = 0
         self.thread: threading.Thread | None = None
-        self.engine = SafeMDAEngine(core, config, on_field=self._hand_over, fields=self.fields)
+        self.engine = SafeMDAEngine(
+            core, config, on_field=self._hand_over, fields=self.fields, refocus=refocus
+        )
         # Set when the consumer has gone, so a put that would wait for it forever gives up.
         self._abandoned: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -15,12 +15,15 @@ import shapely.ops
 
 from .plan import ChipOutline
 
+_QUADRATIC_POINTS = 8
+
 
 class FocusMap:
     """A smooth surface z(x, y) through measured focus points.
 
-    A plane (least squares) through 3 to 5 points; a quadratic (6 terms: tilt plus bow) from
-    6 points on. Fewer points than that would let a quadratic follow the measurement noise.
+    A plane (least squares) through 3 to 7 points; a quadratic (6 terms: tilt plus bow) from
+    8 points on. Through exactly 6 points a quadratic follows every focusing error and swings
+    wildly between points that happen to lie close together; two spare points average that.
     """
 
     def __init__(self) -> None:
@@ -49,7 +52,7 @@ class FocusMap:
         terms = _terms(*self._normalised(pts[:, 0], pts[:, 1]))
         self.kind, n = "plane", 3
         # Six points on one conic (e.g. a circle) do not determine a quadratic: fall back.
-        if len(pts) >= 6 and np.linalg.cond(terms) < 1e8:
+        if len(pts) >= _QUADRATIC_POINTS and np.linalg.cond(terms) < 1e8:
             self.kind, n = "quadratic", 6
         self._coef = np.linalg.lstsq(terms[:, :n], pts[:, 2], rcond=None)[0]
         self.residuals_um = pts[:, 2] - terms[:, :n] @ self._coef
