@@ -29,6 +29,21 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+#: the top-level section of a rig YAML that belongs to the scanner, not to the rig
+SCAN_SECTION = "scan"
+
+
+def read_rig_mapping(path: str | Path) -> dict[str, Any]:
+    """A rig YAML's mapping without its `scan:` section (how to scan is not the rig's business).
+
+    One file can then describe both the microscope and how to scan a chip on it, which is what
+    `flakescan scan CONFIG` reads.
+    """
+    raw = read_yaml_mapping(path)
+    raw.pop(SCAN_SECTION, None)
+    return raw
+
+
 def format_validation_error(e: ValidationError) -> str:
     """One line per problem, each naming the field path, e.g. `camera.exposure_ms: ...`."""
     lines = []

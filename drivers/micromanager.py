@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pymmcore_plus import CMMCorePlus, DeviceInitializationState, DeviceType
 
-from drivers.configfile import ConfigError, format_validation_error, read_yaml_mapping
+from drivers.configfile import ConfigError, format_validation_error, read_rig_mapping
 from drivers.unicore import dispose_core
 
 DeviceLabel = Annotated[str, Field(min_length=1)]
@@ -94,7 +94,7 @@ class RigCheckWarning(UserWarning):
 def load_rig_config(path: str | Path) -> MicroManagerRigConfig:
     """Read and validate a real-rig YAML file, or raise ConfigError naming the file and field."""
     path = Path(path)
-    raw = read_yaml_mapping(path)
+    raw = read_rig_mapping(path)
     try:
         cfg = MicroManagerRigConfig.model_validate(raw, context={"base_dir": path.resolve().parent})
     except ValidationError as e:

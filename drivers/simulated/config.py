@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..configfile import ConfigError, format_validation_error, read_yaml_mapping
+from ..configfile import ConfigError, format_validation_error, read_rig_mapping
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -233,7 +233,7 @@ class SimulatedRigConfig(_Strict):
 
 def load_simulated_config(path: str | Path) -> SimulatedRigConfig:
     """Read and validate a simulated-rig YAML file, or raise ConfigError saying what is wrong."""
-    raw = read_yaml_mapping(path)
+    raw = read_rig_mapping(path)
     try:
         return SimulatedRigConfig.model_validate(raw)
     except ValidationError as e:
