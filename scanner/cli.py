@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import model_commands
+from . import model_commands, scan_command
 from .console import console, fail
 from .logs import configure_logging
 
@@ -113,6 +113,7 @@ def check(
     console.print("[green]rig ready[/]")
 
 
+app.command()(scan_command.scan)
 app.command()(model_commands.train)
 app.command()(model_commands.evaluate)
 app.command()(model_commands.cv)

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,7 @@ def write_flake_map(
     scan_meta: dict[str, Any],
     chip_origin_stage_um: tuple[float, float],
     rotation_deg: float = 0.0,
+    patches: Mapping[int, str] | None = None,
 ) -> dict[str, Any]:
     """Replace `path` with a flake map, atomically; returns the document (metadata as given).
 
@@ -112,6 +113,9 @@ def write_flake_map(
         "frames": frame.model_dump(mode="json"),
         "flakes": flake_records(flakes, frame),
     }
+    for record in doc["flakes"]:
+        if patches and record["id"] in patches:
+            record["patch"] = patches[record["id"]]
     _replace_atomically(Path(path), doc)
     return doc
 

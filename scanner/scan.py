@@ -1,0 +1,634 @@
+"""One chip, end to end: plan, focus map, acquisition, inference, flakes, and what is written.
+
+    acquisition thread --(bounded queue)--> batcher --> inference thread --> recording thread
+                                                                         (flakes, zarr, journal)
+
+Every blocking step runs off the event loop in its own thread, and every hand-over is a
+bounded queue, so when inference falls behind the acquisition waits instead of filling
+memory; while inference keeps up, the stage never waits for it. The loop only routes work
+and reports progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+import structlog
+from pymmcore_plus import CMMCorePlus
+
+from model.segmenter import Segmenter
+
+from .acquisition import Acquisition, FieldResult, RefocusConfig, StageLimits
+from .flakemap import (
+    ChipFrame,
+    ScanScore,
+    flake_records,
+    score_against_truth,
+    write_flake_map,
+)
+from .flakes import PixelToStage, TileFlake, extract_flakes, merge_flakes
+from .focus_map import FocusMap
+from .focus_survey import FocusSurveyError, survey_focus
+from .journal import (
+    JOURNAL_NAME,
+    JOURNAL_VERSION,
+    Journal,
+    JournalError,
+    plan_digest,
+    read_journal,
+    tile_flake_to_json,
+)
+from .pictures import write_flake_crops, write_overview_png
+from .plan import ChipOutline, FieldOfView, cut_into_tiles, plan_fields
+from .scan_config import ScanConfig
+from .scan_store import MosaicGrid, ScanStore
+
+log = structlog.get_logger("flakescan.scan")
+
+TILE = 512
+#: a band along the chip's edge where nothing counts as a flake (chipped, dirty, dark beyond)
+_CHIP_EDGE_UM = 2.0
+
+
+class ScanError(RuntimeError):
+    """The scan cannot start or go on; the message says why and what to change."""
+
+
+@dataclass
+class ScanProgress:
+    fields_total: int
+    fields_done: int = 0
+    fields_failed: int = 0
+    monolayers: int = 0
+    bilayers: int = 0
+    #: planning, focusing, scanning, finishing, done (or stopped)
+    phase: str = "planning"
+    #: fields done before this run (a resumed scan)
+    fields_resumed: int = 0
+
+
+@dataclass
+class ScanResult:
+    out: Path
+    progress: ScanProgress
+    flakes: list[dict[str, Any]]
+    failed_fields: list[dict[str, Any]]
+    score: ScanScore | None
+    wall_s: float
+    focus_points: list[tuple[float, float, float]] = field(default_factory=list)
+
+
+class Scan:
+    """Scan the chip on `core` as `cfg` says, writing everything into `out`.
+
+    `out` must be new or empty, unless `resume`: then it must hold a scan of the same plan,
+    and only the fields its journal does not show done are scanned. `truth` (simulated rigs)
+    is written as truth.json and the result is scored against it.
+    """
+
+    def __init__(
+        self,
+        core: CMMCorePlus,
+        cfg: ScanConfig,
+        out: Path,
+        *,
+        segmenter: Segmenter,
+        limits: StageLimits,
+        resume: bool = False,
+        truth: list[dict[str, Any]] | None = None,
+        on_progress: Callable[[ScanProgress], None] | None = None,
+        rig_info: dict[str, Any] | None = None,
+    ) -> None:
+        self.core, self.cfg, self.out = core, cfg, Path(out)
+        self.segmenter, self.limits, self.resume = segmenter, limits, resume
+        self.truth, self.on_progress, self.rig_info = truth, on_progress, rig_info or {}
+        self.outline = cfg.chip
+        if self.outline is None:
+            raise ScanError("the scan config gives no chip outline (scan.chip): where is the chip?")
+        self.frame = ChipFrame(
+            chip_origin_stage_um=cfg.chip_origin_um or self.outline.bounds[:2],
+            rotation_deg=cfg.chip_rotation_deg,
+        )
+        self._acquisition: Acquisition | None = None
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------ setup
+    def _calibration(self) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+        core = self.core
+        if core.getPixelSizeUm() <= 0:
+            raise ScanError(
+                "the pixel size of the current objective is not calibrated "
+                f"(pixel-size config {core.getCurrentPixelSizeConfig()!r}); define it in the .cfg"
+            )
+        shape = (int(core.getImageHeight()), int(core.getImageWidth()))
+        if min(shape) < TILE:
+            raise ScanError(
+                f"camera frames are {shape[0]}×{shape[1]} px; the model needs {TILE}×{TILE} tiles "
+                "(use a larger camera ROI or no binning)"
+            )
+        to_stage = PixelToStage.from_mm_affine(core.getPixelSizeAffine(), (0.0, 0.0), shape)
+        return shape, to_stage.matrix
+
+    def plan(self) -> tuple[list[FieldOfView], tuple[int, int], PixelToStage]:
+        shape, matrix = self._calibration()
+        frame = PixelToStage(center_um=(0.0, 0.0), shape=shape, matrix=matrix)
+        x0, y0, x1, y1 = frame.footprint().bounds
+        fields = plan_fields(self.outline, fov_um=(x1 - x0, y1 - y0), overlap=self.cfg.overlap)
+        return fields, shape, frame
+
+    # ------------------------------------------------------------------ run
+    def stop(self) -> None:
+        """Stop after the field in progress (thread-safe); what is done stays done."""
+        self._stop_requested = True
+        if self._acquisition is not None:
+            self._acquisition.cancel()
+
+    async def run(self) -> ScanResult:
+        started = time.perf_counter()
+        fields, frame_shape, frame0 = self.plan()
+        if not fields:
+            raise ScanError("the chip outline holds no field of view")
+        digest = plan_digest(fields)
+        progress = ScanProgress(fields_total=len(fields))
+        store, journal, state = self._open_output(fields, frame_shape, frame0, digest)
+        try:
+            done = state.done() if state else set()
+            tile_flakes: list[TileFlake] = state.tile_flakes() if state else []
+            failed: dict[int, dict[str, Any]] = {}
+            progress.fields_done = progress.fields_resumed = len(done)
+            self._count(progress, tile_flakes)
+            self._report(progress)
+
+            progress.phase = "focusing"
+            self._report(progress)
+            z_um, points = await asyncio.to_thread(
+                self._focus, journal, state.focus_points if state else None, frame0
+            )
+            todo = [f for f in fields if f.index not in done]
+            progress.phase = "scanning"
+            self._report(progress)
+            if todo and not self._stop_requested:
+                await self._scan_fields(
+                    todo, z_um, frame_shape, frame0, store, journal, tile_flakes, failed, progress
+                )
+            remaining = progress.fields_total - progress.fields_done - progress.fields_failed
+            if self._stop_requested and remaining > 0:
+                # What is done is in the journal and the store; the map shows it, and
+                # `--resume` finishes the rest. No overview or crops for a partial chip.
+                records = await asyncio.to_thread(
+                    self._write_map, tile_flakes, frame0.pixel_size_um, None
+                )
+                progress.phase = "stopped"
+                self._report(progress)
+                return ScanResult(
+                    out=self.out,
+                    progress=progress,
+                    flakes=records,
+                    failed_fields=list(failed.values()),
+                    score=None,
+                    wall_s=time.perf_counter() - started,
+                    focus_points=points,
+                )
+            progress.phase = "finishing"
+            self._report(progress)
+            records = await asyncio.to_thread(
+                self._finish, store, tile_flakes, frame0.pixel_size_um
+            )
+            journal.write("finished", at=_now())
+            score = None
+            if self.truth is not None:
+                score = score_against_truth(records, self.truth)
+                _write_json(self.out / "score.json", score.model_dump(mode="json"))
+            progress.phase = "done"
+            self._report(progress)
+            result = ScanResult(
+                out=self.out,
+                progress=progress,
+                flakes=records,
+                failed_fields=list(failed.values()),
+                score=score,
+                wall_s=time.perf_counter() - started,
+                focus_points=points,
+            )
+            _write_json(self.out / "summary.json", _summary(result))
+            return result
+        finally:
+            journal.close()
+
+    def _open_output(
+        self,
+        fields: Sequence[FieldOfView],
+        frame_shape: tuple[int, int],
+        frame0: PixelToStage,
+        digest: str,
+    ) -> tuple[ScanStore, Journal, Any]:
+        out = self.out
+        tiles_per_field = len(cut_into_tiles(np.zeros(frame_shape, np.uint8), TILE))
+        if self.resume:
+            state = read_journal(out / JOURNAL_NAME)
+            if state.plan_digest != digest:
+                raise JournalError(
+                    f"{out} holds a scan of a different plan (chip, overlap, objective or camera "
+                    "changed); resume it with the config it was started with, or start a new scan"
+                )
+            store = ScanStore.open(out / "scan.zarr")
+            journal = Journal(out / JOURNAL_NAME)
+            journal.write("resumed", at=_now())
+            return store, journal, state
+        if out.exists() and any(out.iterdir()):
+            raise ScanError(
+                f"{out} already holds files; choose a new folder, or resume the scan there "
+                f"with --resume {out}"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        w, h = frame0.footprint().bounds[2:]  # the frame's half extents
+        xs = [f.x_um for f in fields]
+        ys = [f.y_um for f in fields]
+        bounds = (min(xs) - w, min(ys) - h, max(xs) + w, max(ys) + h)
+        store = ScanStore.create(
+            out / "scan.zarr",
+            n_fields=len(fields),
+            tiles_per_field=tiles_per_field,
+            tile_shape=(TILE, TILE),
+            mosaic=MosaicGrid.covering(bounds, self.cfg.overview_um_per_px),
+            attrs={
+                "flakescan": {"what": "scan", "plan_digest": digest},
+                "pixel_matrix": list(frame0.matrix),
+                "pixel_size_um": frame0.pixel_size_um,
+                "fields": [[f.name, f.x_um, f.y_um] for f in fields],
+                "classes": ["other", "monolayer", "bilayer"],
+            },
+        )
+        journal = Journal(out / JOURNAL_NAME)
+        journal.write(
+            "start",
+            version=JOURNAL_VERSION,
+            plan_digest=digest,
+            fields=len(fields),
+            started=_now(),
+            config=self.cfg.model_dump(mode="json"),
+        )
+        return store, journal, None
+
+    # ------------------------------------------------------------------ focus
+    def _focus(
+        self,
+        journal: Journal,
+        known: list[tuple[float, float, float]] | None,
+        frame0: PixelToStage,
+    ) -> tuple[Callable[[float, float], float] | None, list[tuple[float, float, float]]]:
+        fc = self.cfg.focus
+        if fc.strategy == "none":
+            return None, []
+        if known is not None:  # resumed: the chip has not moved, the surface stands
+            return FocusMap().fit(known).z_at, known
+        x0, y0, x1, y1 = frame0.footprint().bounds
+        try:
+            surface, found = survey_focus(
+                self.core, self.outline, fc, self.limits, field_step_um=(x1 - x0, y1 - y0)
+            )
+        except FocusSurveyError as e:
+            raise ScanError(str(e)) from None
+        journal.write(
+            "focus",
+            points=[list(p) for p in found],
+            surface=surface.kind,
+            residuals_um=np.round(surface.residuals_um, 3).tolist(),
+        )
+        return surface.z_at, found
+
+    # ------------------------------------------------------------------ the pipeline
+    async def _scan_fields(
+        self,
+        todo: list[FieldOfView],
+        z_um: Callable[[float, float], float] | None,
+        frame_shape: tuple[int, int],
+        frame0: PixelToStage,
+        store: ScanStore,
+        journal: Journal,
+        tile_flakes: list[TileFlake],
+        failed: dict[int, dict[str, Any]],
+        progress: ScanProgress,
+    ) -> None:
+        cfg = self.cfg
+        refocus = None
+        if cfg.focus.refocus_max_edge_blur_px is not None and self.core.getFocusDevice():
+            refocus = RefocusConfig(
+                max_edge_blur_px=cfg.focus.refocus_max_edge_blur_px,
+                safe_z_um=self.limits.safe_z_um,
+                lower_z_um=self.limits.lower_z_um,
+            )
+        acq = Acquisition(
+            self.core,
+            todo,
+            z_um=z_um,
+            config=cfg.acquisition,
+            queue_size=cfg.queue_size,
+            limits=self.limits,
+            refocus=refocus,
+        )
+        self._acquisition = acq
+        if self._stop_requested:
+            acq.cancel()
+        batch_size = cfg.model.batch_size
+        # Small hand-over queues: the acquisition's own queue is the buffer that matters.
+        fields_q: asyncio.Queue[FieldResult | None] = asyncio.Queue(maxsize=batch_size)
+        post_q: asyncio.Queue[tuple | None] = asyncio.Queue(maxsize=1)
+        infer_pool = ThreadPoolExecutor(1, thread_name_prefix="flakescan-inference")
+        post_pool = ThreadPoolExecutor(1, thread_name_prefix="flakescan-recording")
+        loop = asyncio.get_running_loop()
+        last_map = [time.monotonic()]
+
+        async def pump() -> None:
+            async for result in acq.results():
+                await fields_q.put(result)
+            await fields_q.put(None)
+
+        async def infer() -> None:
+            ending = False
+            while not ending:
+                first = await fields_q.get()
+                if first is None:
+                    break
+                batch = [first]
+                while _tile_count(batch, frame_shape) < batch_size:
+                    try:
+                        more = fields_q.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                    if more is None:
+                        ending = True
+                        break
+                    batch.append(more)
+                tiles = [t for r in batch if r.ok for _, _, t in cut_into_tiles(r.frame, TILE)]
+                probs = labels = None
+                if tiles:
+                    probs, labels = await loop.run_in_executor(
+                        infer_pool, self.segmenter.predict, np.stack(tiles)
+                    )
+                await post_q.put((batch, probs, labels))
+            await post_q.put(None)
+
+        async def record() -> None:
+            while (item := await post_q.get()) is not None:
+                batch, probs, labels = item
+                found = await loop.run_in_executor(
+                    post_pool, self._record_batch, batch, probs, labels, frame0, store, journal
+                )
+                for result, pieces in zip(batch, found, strict=True):
+                    if result.ok:
+                        tile_flakes.extend(pieces)
+                        progress.fields_done += 1
+                    else:
+                        failed[result.index] = _failed_record(result)
+                        progress.fields_failed += 1
+                self._count(progress, tile_flakes)
+                self._report(progress)
+                if time.monotonic() - last_map[0] >= cfg.flake_map_every_s:
+                    last_map[0] = time.monotonic()
+                    snapshot = list(tile_flakes)
+                    await loop.run_in_executor(
+                        post_pool, self._write_map, snapshot, frame0.pixel_size_um, None
+                    )
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(pump())
+                tg.create_task(infer())
+                tg.create_task(record())
+        finally:
+            acq.cancel()
+            infer_pool.shutdown(wait=True)
+            post_pool.shutdown(wait=True)
+            self._acquisition = None
+
+    def _record_batch(
+        self,
+        batch: list[FieldResult],
+        probs: np.ndarray | None,
+        labels: np.ndarray | None,
+        frame0: PixelToStage,
+        store: ScanStore,
+        journal: Journal,
+    ) -> list[list[TileFlake]]:
+        """Flakes, zarr and journal for a segmented batch (the recording thread)."""
+        found: list[list[TileFlake]] = []
+        k = 0
+        for result in batch:
+            if not result.ok:
+                store.mark_failed(result.index)
+                journal.write("field", **_failed_record(result))
+                found.append([])
+                continue
+            assert probs is not None and labels is not None and result.frame is not None
+            # The stage's own reading places the frame (it arrived within tolerance of the
+            # plan; the difference is real and a robot wants the real place).
+            centre = result.stage_xy_um or (result.x_um, result.y_um)
+            frame_map = PixelToStage(
+                center_um=centre, shape=result.frame.shape[:2], matrix=frame0.matrix
+            )
+            written, pieces, views = [], [], {}
+            for j, (r0, c0, tile) in enumerate(cut_into_tiles(result.frame, TILE)):
+                t = store.tile_index(result.index, j)
+                to_stage = _tile_map(frame_map, r0, c0)
+                pieces += self._on_chip(
+                    extract_flakes(
+                        labels[k],
+                        probs[k],
+                        to_stage,
+                        tile=t,
+                        min_area_um2=self.cfg.min_flake_area_um2,
+                    )
+                )
+                views[str(t)] = shapely.to_wkb(to_stage.footprint(), hex=True)
+                written.append((tile, labels[k], to_stage))
+                k += 1
+            store.write_field(result.index, written)
+            journal.write(
+                "field",
+                index=result.index,
+                name=result.name,
+                ok=True,
+                x_um=result.x_um,
+                y_um=result.y_um,
+                stage_xy_um=list(centre),
+                z_um=result.z_um,
+                attempts=result.attempts,
+                refocused_from_um=result.refocused_from_um,
+                views=views,
+                flakes=[tile_flake_to_json(p) for p in pieces],
+            )
+            found.append(pieces)
+        return found
+
+    def _on_chip(self, pieces: list[TileFlake]) -> list[TileFlake]:
+        """Pieces mostly on the chip: the chip's broken edge against the dark stage insert
+        looks like a thin film to the model, and a robot cannot pick beyond the chip anyway."""
+        inner = self._chip_inner
+        return [
+            p for p in pieces if shapely.intersection(p.polygon, inner).area >= 0.5 * p.area_um2
+        ]
+
+    @property
+    def _chip_inner(self) -> shapely.Geometry:
+        if not hasattr(self, "_inner"):
+            self._inner = self.outline.shape().buffer(-_CHIP_EDGE_UM)
+            shapely.prepare(self._inner)
+        return self._inner
+
+    # ------------------------------------------------------------------ finishing
+    def _scan_meta(self, pixel_size_um: float) -> dict[str, Any]:
+        ring = list(self.outline.shape().exterior.coords)
+        return {
+            "started": self._started,
+            "chip_outline_stage_um": [[round(x, 3), round(y, 3)] for x, y in ring],
+            "pixel_size_um": pixel_size_um,
+            "objective": self.rig_info.get("objective", ""),
+            "model": self.rig_info.get("model", ""),
+            "rig": self.rig_info.get("rig", ""),
+        }
+
+    @property
+    def _started(self) -> str:
+        if not hasattr(self, "_started_at"):
+            self._started_at = _now()
+        return self._started_at
+
+    def _write_map(
+        self,
+        tile_flakes: list[TileFlake],
+        pixel_size_um: float,
+        patches: dict[int, str] | None,
+    ) -> list[dict[str, Any]]:
+        flakes = merge_flakes(tile_flakes)
+        doc = write_flake_map(
+            self.out / "flakes.json",
+            flakes,
+            scan_meta=self._scan_meta(pixel_size_um),
+            chip_origin_stage_um=self.frame.chip_origin_stage_um,
+            rotation_deg=self.frame.rotation_deg,
+            patches=patches,
+        )
+        return doc["flakes"]
+
+    def _finish(
+        self, store: ScanStore, tile_flakes: list[TileFlake], pixel_size_um: float
+    ) -> list[dict[str, Any]]:
+        store.finish_overview()
+        records = flake_records(merge_flakes(tile_flakes), self.frame)
+        patches = write_flake_crops(store, records, self.out / "flakes", self.out)
+        records = self._write_map(tile_flakes, pixel_size_um, patches)
+        write_overview_png(store, records, self.out / "overview.png")
+        if self.truth is not None:
+            _write_json(
+                self.out / "truth.json",
+                {
+                    "schema_version": "1.0",
+                    "scan": {**self._scan_meta(pixel_size_um), "truth": "simulated world"},
+                    "frames": self.frame.model_dump(mode="json"),
+                    "flakes": self.truth,
+                },
+            )
+        return records
+
+    # ------------------------------------------------------------------ progress
+    @staticmethod
+    def _count(progress: ScanProgress, tile_flakes: list[TileFlake]) -> None:
+        # Pieces, not merged flakes: merging on every field would cost more than the scan.
+        # The count is per tile piece, so a flake across two tiles counts twice until the end.
+        progress.monolayers = sum(f.layer_class == "monolayer" for f in tile_flakes)
+        progress.bilayers = sum(f.layer_class == "bilayer" for f in tile_flakes)
+
+    def _report(self, progress: ScanProgress) -> None:
+        if self.on_progress is not None:
+            self.on_progress(progress)
+
+
+# ---------------------------------------------------------------------- helpers
+def simulated_truth(
+    core: CMMCorePlus, outline: ChipOutline, chip_origin_um: tuple[float, float]
+) -> list[dict] | None:
+    """The simulated world's monolayers and bilayers inside the scanned outline, as flake
+    records (most of a flake's area inside, as the scan counts its own); None on a real rig."""
+    scope = getattr(core, "simulation", None)
+    if scope is None:
+        return None
+    scanned = outline.shape()
+    records = []
+    for f in scope.world.flakes:
+        if f.layer_class not in ("monolayer", "bilayer"):
+            continue
+        if f.polygon.intersection(scanned).area < 0.5 * f.polygon.area:
+            continue
+        r = f.to_record(chip_origin_um)
+        r["bbox_stage_um"] = [round(v, 3) for v in f.polygon.bounds]
+        r["tiles"] = []
+        records.append(r)
+    return records
+
+
+def _tile_map(frame_map: PixelToStage, r0: int, c0: int) -> PixelToStage:
+    centre = frame_map.pixel_to_stage(np.array(r0 + (TILE - 1) / 2), np.array(c0 + (TILE - 1) / 2))
+    return PixelToStage(
+        center_um=(float(centre[0]), float(centre[1])),
+        shape=(TILE, TILE),
+        matrix=frame_map.matrix,
+    )
+
+
+def _tile_count(batch: list[FieldResult], frame_shape: tuple[int, int]) -> int:
+    per = math.ceil(frame_shape[0] / TILE) * math.ceil(frame_shape[1] / TILE)
+    return sum(per for r in batch if r.ok)
+
+
+def _failed_record(result: FieldResult) -> dict[str, Any]:
+    return {
+        "index": result.index,
+        "name": result.name,
+        "ok": False,
+        "x_um": result.x_um,
+        "y_um": result.y_um,
+        "stage_xy_um": list(result.stage_xy_um) if result.stage_xy_um else None,
+        "z_um": result.z_um,
+        "attempts": result.attempts,
+        "error": result.error,
+    }
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _summary(result: ScanResult) -> dict[str, Any]:
+    p = result.progress
+    counts = {"monolayer": 0, "bilayer": 0}
+    for r in result.flakes:
+        counts[r["layer_class"]] += 1
+    return {
+        "fields_total": p.fields_total,
+        "fields_done": p.fields_done,
+        "fields_failed": p.fields_failed,
+        "fields_resumed": p.fields_resumed,
+        "flakes": counts,
+        "failed_fields": result.failed_fields,
+        "focus_points_um": [list(pt) for pt in result.focus_points],
+        "wall_s": round(result.wall_s, 2),
+        "score": result.score.model_dump(mode="json") if result.score else None,
+    }

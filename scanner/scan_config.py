@@ -1,0 +1,106 @@
+"""How to scan a chip: the `scan:` section of a rig YAML, validated with errors naming the field.
+
+One file describes the microscope (the rest of the YAML, read by `drivers`) and how to scan a
+chip on it (this section). Every field has a default, so a rig YAML without a `scan:` section
+scans the simulated chip, or, on a real rig, asks for the one thing it cannot guess: where the
+chip lies on the stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from drivers.configfile import SCAN_SECTION, ConfigError, format_validation_error, read_yaml_mapping
+
+from .plan import ChipOutline
+from .safe_engine import AcquisitionConfig
+
+Positive = Annotated[float, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FocusConfig(_Strict):
+    """Software autofocus at a few points, a surface through them, Z predicted for every field."""
+
+    #: `map`: autofocus at `points` points and fit a surface (tilt, and bow from 8 points);
+    #: `none`: scan at the focus drive's current Z (a flat, level chip; or a test)
+    strategy: Literal["map", "none"] = "map"
+    points: Annotated[int, Field(ge=5, le=9)] = 9
+    #: where the first sweep is centred; None: the focus drive's Z when the scan starts
+    start_z_um: float | None = None
+    coarse_range_um: Positive = 40.0
+    coarse_step_um: Positive = 2.0
+    fine_range_um: Positive = 2.0
+    fine_step_um: Positive = 0.25
+    #: a focus point with nothing in view is moved this many fields over, up to `tries` times
+    tries_per_point: Annotated[int, Field(ge=1, le=50)] = 16
+    #: re-focus a field whose frame comes out blurred (edges wider than this, px); None: never
+    refocus_max_edge_blur_px: Positive | None = 2.8
+
+
+class ModelConfig(_Strict):
+    #: None: the default model shipped with flakescan (trained on synthetic chips only)
+    checkpoint: Path | None = None
+    #: auto (CUDA when present), cpu, cuda, cuda:1 ...
+    device: str = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 4
+
+
+class ScanConfig(_Strict):
+    """The `scan:` section. Lengths in stage µm unless named otherwise."""
+
+    #: where the chip lies on the stage; None on the simulated rig: the simulated chip
+    chip: ChipOutline | None = None
+    #: the chip frame's origin on the stage (the robot picks in chip coordinates);
+    #: None: the chip outline's lower-left corner
+    chip_origin_um: tuple[float, float] | None = None
+    #: the chip's edges against the stage axes, degrees counter-clockwise
+    chip_rotation_deg: float = 0.0
+    #: None: the objective the rig is set to
+    objective: str | None = None
+    #: share of a field that overlaps its neighbour: a flake cut by one field's edge is whole
+    #: in the next when it is smaller than this overlap
+    overlap: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
+    focus: FocusConfig = FocusConfig()
+    model: ModelConfig = ModelConfig()
+    acquisition: AcquisitionConfig = AcquisitionConfig()
+    #: regions smaller than this are not flakes (noise, the model's speckle)
+    min_flake_area_um2: Positive = 1.0
+    #: fields acquired but not yet segmented; bounds memory, and makes the stage wait when
+    #: inference falls behind
+    queue_size: Annotated[int, Field(ge=1, le=1024)] = 16
+    #: the overview mosaic's finest level, µm per pixel
+    overview_um_per_px: Annotated[float, Field(ge=0.05, le=100)] = 1.0
+    #: rewrite flakes.json at most this often while the scan runs
+    flake_map_every_s: Annotated[float, Field(ge=0)] = 5.0
+    #: where to write; `flakescan scan --out` overrides it
+    out: Path = Path("runs/scan")
+
+
+def load_scan_config(path: str | Path) -> ScanConfig:
+    """The `scan:` section of the YAML at `path` (defaults when it has none)."""
+    raw = read_yaml_mapping(path)
+    section: Any = raw.get(SCAN_SECTION) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: `{SCAN_SECTION}:` must be a mapping")
+    try:
+        cfg = ScanConfig.model_validate(section)
+    except ValidationError as e:
+        raise ConfigError(
+            f"{path}: {format_validation_error(e).replace(chr(10) + '  ', chr(10) + '  scan.')}"
+        ) from None
+    if cfg.model.checkpoint is not None and not cfg.model.checkpoint.is_absolute():
+        # Relative to the config file, so a config and its model can travel together.
+        base = Path(path).resolve().parent
+        cfg = cfg.model_copy(
+            update={
+                "model": cfg.model.model_copy(update={"checkpoint": base / cfg.model.checkpoint})
+            }
+        )
+    return cfg

@@ -1,0 +1,381 @@
+"""Whole scans of small simulated chips, end to end, with the shipped model.
+
+Each test drives the simulated rig through the same `Scan` the `flakescan scan` command runs:
+plan, focus map, acquisition, inference, flake extraction and merge, zarr, journal, pictures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+import zarr
+from conftest import small_rig_config
+from shapely.geometry import Polygon
+
+from drivers.simulated import SimulatedRigConfig
+from model.checkpoint import DEFAULT_CHECKPOINT
+from model.segmenter import Segmenter
+from scanner.acquisition import StageLimits
+from scanner.flakemap import read_flake_map
+from scanner.focus import edge_blur_px
+from scanner.journal import JournalError, read_journal
+from scanner.plan import ChipOutline
+from scanner.scan import Scan, ScanError, ScanProgress, simulated_truth
+from scanner.scan_config import FocusConfig, ModelConfig, ScanConfig
+from scanner.scan_store import DONE, FAILED, ScanStore
+
+FOV_UM = 76.8
+
+
+@pytest.fixture(scope="module")
+def segmenter() -> Segmenter:
+    return Segmenter.from_checkpoint(DEFAULT_CHECKPOINT, batch_size=4)
+
+
+def _limits(cfg: SimulatedRigConfig) -> StageLimits:
+    return StageLimits(
+        cfg.xy_stage.x_limits_um,
+        cfg.xy_stage.y_limits_um,
+        cfg.focus_drive.safe_z_um,
+        cfg.focus_drive.lower_limit_um,
+    )
+
+
+def _scan(core, scan_cfg: ScanConfig, out: Path, segmenter, **kwargs):
+    cfg = core.simulation.cfg
+    assert scan_cfg.chip is not None
+    scan = Scan(
+        core,
+        scan_cfg,
+        out,
+        segmenter=segmenter,
+        limits=_limits(cfg),
+        truth=simulated_truth(core, scan_cfg.chip, scan_cfg.chip.bounds[:2]),
+        **kwargs,
+    )
+    return scan, asyncio.run(scan.run())
+
+
+def _region(x0: float, y0: float, x1: float, y1: float, **kw) -> ScanConfig:
+    return ScanConfig(chip=ChipOutline(corners_um=((x0, y0), (x1, y1))), **kw)
+
+
+# Focus at the true surface is found by the survey; tests that are not about focus skip it
+# and start at the surface's height in the middle of the region.
+_FIXED = FocusConfig(strategy="none", refocus_max_edge_blur_px=None)
+
+
+def _flat(**kw) -> SimulatedRigConfig:
+    return small_rig_config(
+        focus_surface={"tilt_x_um_per_mm": 0.0, "tilt_y_um_per_mm": 0.0, "warp_um": 0.0}, **kw
+    )
+
+
+def test_a_scan_finds_the_monolayers_and_writes_everything(make_core, segmenter, tmp_path):
+    cfg = _flat(flakes={"thin_flakes_per_mm2": 150, "monolayer_size_um": [6, 20]})
+    core = make_core(cfg)
+    scan_cfg = _region(100, 100, 330, 330, focus=_FIXED)
+    progress: list[ScanProgress] = []
+    _, result = _scan(core, scan_cfg, tmp_path / "s", segmenter, on_progress=progress.append)
+    out = tmp_path / "s"
+
+    # the flake map, schema-shaped, and every record inside the chip outline
+    doc = read_flake_map(out / "flakes.json")
+    assert doc["schema_version"] == "1.0" and doc["flakes"] == result.flakes
+    chip = Polygon(doc["scan"]["chip_outline_stage_um"])
+    for r in doc["flakes"]:
+        assert chip.buffer(1).contains(shapely.Point(r["centroid_stage_um"]))
+        assert (out / r["patch"]).is_file()
+        cx, cy = r["centroid_stage_um"]
+        assert r["centroid_chip_um"] == pytest.approx([cx - 100, cy - 100], abs=1e-3)
+
+    # scored against the world's truth (truth.json) in the summary
+    truth = read_flake_map(out / "truth.json")["flakes"]
+    mono = result.score.classes["monolayer"]
+    assert (
+        mono.truth
+        == sum(t["layer_class"] == "monolayer" and t["area_um2"] >= 10 for t in truth)
+        >= 3
+    )
+    assert mono.recall >= 0.75 and mono.precision >= 0.75
+    assert mono.centroid_error_median_um < 1.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["score"]["classes"]["monolayer"]["recall"] == mono.recall
+
+    # scan.zarr: every tile, its labels and position; the overview pyramid with NGFF metadata
+    store = zarr.open_group(out / "scan.zarr", mode="r")
+    n = result.progress.fields_total
+    assert store["tiles"].shape == (n, 512, 512, 3)
+    assert (store["field_status"][:] == DONE).all()
+    assert not np.isnan(store["positions"][:]).any()
+    assert set(np.unique(store["labels"][:])) <= {0, 1, 2}
+    ome = store["overview"].attrs["ome"]
+    levels = ome["multiscales"][0]["datasets"]
+    assert [d["path"] for d in levels] == [str(i) for i in range(len(levels))]
+    assert (out / "overview.png").stat().st_size > 1000
+
+    # progress went through the phases and counted every field
+    assert [p for p in dict.fromkeys(q.phase for q in progress)] == [
+        "planning",
+        "scanning",
+        "finishing",
+        "done",
+    ] or progress[-1].phase == "done"
+    assert progress[-1].fields_done == n
+
+
+def test_the_overview_places_a_tile_where_the_stage_was(make_core, segmenter, tmp_path):
+    # A dark dust-free, flake-free chip edge: the overview must show the chip's corner at the
+    # stage coordinates of the chip's corner.
+    cfg = _flat(
+        flakes={
+            "thin_flakes_per_mm2": 0,
+            "bulk_pieces_per_mm2": 0,
+            "residue_per_mm2": 0,
+            "dust_per_mm2": 0,
+        }
+    )
+    core = make_core(cfg)
+    scan_cfg = _region(-60, -60, 60, 60, focus=_FIXED, overview_um_per_px=1.0)
+    _scan(core, scan_cfg, tmp_path / "s", segmenter)
+    store = ScanStore.open(tmp_path / "s" / "scan.zarr")
+    image = np.moveaxis(store.overview[:], 0, -1).astype(float).mean(axis=2)
+    m = store.mosaic
+
+    def at(x: float, y: float) -> float:
+        return image[int((y - m.y0_um) / m.um_per_px), int((x - m.x0_um) / m.um_per_px)]
+
+    # oxide (bright) for x, y > 0; the stage insert beyond the chip (dark) elsewhere
+    assert at(20, 20) > 100 and at(-20, -20) < 60 and at(-20, 20) < 60 and at(20, -20) < 60
+
+
+def test_a_flake_on_a_four_field_corner_is_reported_once(make_core, segmenter, tmp_path):
+    cfg = _flat(flakes={"thin_flakes_per_mm2": 40, "monolayer_size_um": [8, 14]})
+    core = make_core(cfg)
+    world = core.simulation.world
+    big = [
+        f
+        for f in world.flakes
+        if f.layer_class == "monolayer"
+        and 40 < f.polygon.area < 200
+        and 150 < f.polygon.centroid.x < 850
+        and 150 < f.polygon.centroid.y < 850
+    ]
+    assert big, "the test chip needs a mid-sized monolayer"
+    target = big[0].polygon
+    cx, cy = target.centroid.x, target.centroid.y
+    # No overlap: the corner of four fields sits on the flake's centre, so four tiles each
+    # see a quarter of it, and the merge must join them into one record.
+    scan_cfg = _region(
+        cx - FOV_UM, cy - FOV_UM, cx + FOV_UM, cy + FOV_UM, focus=_FIXED, overlap=0.0
+    )
+    _, result = _scan(core, scan_cfg, tmp_path / "s", segmenter)
+    assert result.progress.fields_total == 4
+    on_target = [
+        r
+        for r in result.flakes
+        if r["layer_class"] == "monolayer"
+        and Polygon(r["polygon_stage_um"]).intersection(target).area > 0.2 * target.area
+    ]
+    assert len(on_target) == 1
+    record = on_target[0]
+    assert len(record["tiles"]) == 4
+    found = Polygon(record["polygon_stage_um"])
+    assert found.intersection(target).area / found.union(target).area > 0.6
+    assert math.dist(record["centroid_stage_um"], (cx, cy)) < 1.0
+
+
+def test_a_chip_without_flakes_gives_an_empty_map(make_core, segmenter, tmp_path):
+    cfg = _flat(
+        flakes={
+            "thin_flakes_per_mm2": 0,
+            "bulk_pieces_per_mm2": 0,
+            "residue_per_mm2": 0,
+            "dust_per_mm2": 0,
+        }
+    )
+    core = make_core(cfg)
+    _, result = _scan(core, _region(200, 200, 400, 400, focus=_FIXED), tmp_path / "s", segmenter)
+    assert result.flakes == [] and result.failed_fields == []
+    assert read_flake_map(tmp_path / "s" / "flakes.json")["flakes"] == []
+    assert read_flake_map(tmp_path / "s" / "truth.json")["flakes"] == []
+    assert result.score.classes["monolayer"].recall is None
+    assert list((tmp_path / "s" / "flakes").iterdir()) == []
+
+
+def _tile_blur(out: Path) -> list[float]:
+    store = ScanStore.open(out / "scan.zarr")
+    widths = [edge_blur_px(store.tiles[t]) for t in range(store.tiles.shape[0])]
+    return [w for w in widths if w is not None]
+
+
+def test_only_a_focus_surface_keeps_a_tilted_chip_sharp(make_core, segmenter, tmp_path):
+    # 6 µm/mm tilt: 1.4 µm from one side of a 230 µm region to the other, three depths of field
+    cfg = small_rig_config(
+        flakes={"thin_flakes_per_mm2": 40, "bulk_pieces_per_mm2": 40},
+        focus_surface={"tilt_x_um_per_mm": 6.0, "tilt_y_um_per_mm": -3.0, "warp_um": 0.0},
+    )
+    world_z = make_core(cfg).simulation.world.focus_z_um
+    region = (300, 300, 530, 530)
+
+    core = make_core(cfg)
+    core.setPosition(world_z(300, 530))  # focused on the first field by hand, then left
+    fixed = _region(*region, focus=_FIXED)
+    _scan(core, fixed, tmp_path / "fixed", segmenter)
+
+    core = make_core(cfg)
+    mapped = _region(*region, focus=FocusConfig(points=5, refocus_max_edge_blur_px=None))
+    _, result = _scan(core, mapped, tmp_path / "map", segmenter)
+    state = read_journal(tmp_path / "map" / "journal.jsonl")
+    errors = [line["z_um"] - world_z(*line["stage_xy_um"]) for line in state.fields.values()]
+    assert np.abs(errors).max() < 0.2  # a plane through the autofocus points
+    assert len(result.focus_points) >= 3
+
+    sharp, blurred = _tile_blur(tmp_path / "map"), _tile_blur(tmp_path / "fixed")
+    assert max(sharp) < 2.8
+    assert sum(w > 2.8 for w in blurred) >= len(blurred) // 3
+
+
+def test_a_blurred_field_is_refocused_before_the_stage_moves_on(make_core, segmenter, tmp_path):
+    # The chip has a bump the flat focus "surface" cannot know: start 1 µm off focus.
+    cfg = _flat(flakes={"thin_flakes_per_mm2": 40, "bulk_pieces_per_mm2": 60})
+    core = make_core(cfg)
+    z_true = core.simulation.world.focus_z_um(500, 500)
+    core.setPosition(z_true + 0.8)
+    focus = FocusConfig(strategy="none", refocus_max_edge_blur_px=2.8)
+    _scan(core, _region(400, 400, 600, 600, focus=focus), tmp_path / "s", segmenter)
+    lines = read_journal(tmp_path / "s" / "journal.jsonl").fields.values()
+    refocused = [line for line in lines if line["refocused_from_um"] is not None]
+    assert refocused, "fields with edges should have been refocused"
+    for line in refocused:
+        assert line["refocused_from_um"] == pytest.approx(z_true + 0.8, abs=1e-6)
+        assert abs(line["z_um"] - z_true) < 0.25
+    assert max(_tile_blur(tmp_path / "s")) < 2.8
+
+
+def test_hardware_faults_become_failed_fields_and_the_scan_completes(
+    make_core, segmenter, tmp_path
+):
+    cfg = _flat(
+        faults={
+            # moves 2, 3, 4: field 2 fails three times and is given up; move 7 once: retried
+            "stage_timeout": {"at": [2, 3, 4, 7]},
+            # snaps 10..12 fail on one field (whichever takes them); snap 14 once
+            "camera_error": {"at": [10, 11, 12, 14]},
+        }
+    )
+    core = make_core(cfg)
+    _, result = _scan(core, _region(200, 200, 500, 430, focus=_FIXED), tmp_path / "s", segmenter)
+    p = result.progress
+    assert p.fields_failed == 2 and p.fields_done == p.fields_total - 2
+    errors = sorted(f["error"] for f in result.failed_fields)
+    assert "camera" in errors[0].lower() and "stage" in errors[1].lower()
+    store = ScanStore.open(tmp_path / "s" / "scan.zarr")
+    status = store.field_status[:]
+    assert (status == FAILED).sum() == 2 and (status == DONE).sum() == p.fields_done
+    failed_tiles = [store.tile_index(i, 0) for i in np.flatnonzero(status == FAILED)]
+    assert all(np.isnan(store.positions[t]).all() for t in failed_tiles)
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert len(summary["failed_fields"]) == 2
+    # the flake map is whole: written at the end with everything the good fields saw
+    assert read_flake_map(tmp_path / "s" / "flakes.json")["flakes"] == result.flakes
+
+
+def test_a_stopped_scan_resumes_without_losing_or_duplicating(make_core, segmenter, tmp_path):
+    cfg = _flat(flakes={"thin_flakes_per_mm2": 40, "monolayer_size_um": [6, 20]})
+    # queues of one field: the stop comes while much of the chip is still to do
+    region = _region(
+        100, 100, 330, 330, focus=_FIXED, queue_size=1, model=ModelConfig(batch_size=1)
+    )
+    out = tmp_path / "s"
+
+    core = make_core(cfg)
+    holder: dict[str, Scan] = {}
+
+    def stop_after_three(p: ScanProgress) -> None:
+        if p.fields_done >= 3:
+            holder["scan"].stop()
+
+    scan = Scan(
+        core,
+        region,
+        out,
+        segmenter=segmenter,
+        limits=_limits(cfg),
+        truth=simulated_truth(core, region.chip, (100, 100)),
+        on_progress=stop_after_three,
+    )
+    holder["scan"] = scan
+    first = asyncio.run(scan.run())
+    assert first.progress.phase == "stopped"
+    done_first = read_journal(out / "journal.jsonl").done()
+    assert 3 <= len(done_first) < first.progress.fields_total
+    assert not (out / "overview.png").exists()
+    read_flake_map(out / "flakes.json")  # a valid partial map
+
+    with pytest.raises(ScanError, match="--resume"):
+        _scan(make_core(cfg), region, out, segmenter)  # a new scan never overwrites it
+
+    core = make_core(cfg)
+    _, resumed = _scan(core, region, out, segmenter, resume=True)
+    state = read_journal(out / "journal.jsonl")
+    assert state.finished and len(state.done()) == resumed.progress.fields_total
+    assert resumed.progress.fields_resumed == len(done_first)
+    lines = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()]
+    scanned = [x["index"] for x in lines if x["kind"] == "field"]
+    assert len(scanned) == len(set(scanned)), "a finished field was scanned again"
+
+    # the same flakes as one uninterrupted scan (the camera noise differs after a restart,
+    # so compare what was found, not bit for bit)
+    _, whole = _scan(make_core(cfg), region, tmp_path / "whole", segmenter)
+    polys = [Polygon(r["polygon_stage_um"]) for r in resumed.flakes if r["area_um2"] >= 10]
+    whole_polys = [Polygon(r["polygon_stage_um"]) for r in whole.flakes if r["area_um2"] >= 10]
+    assert len(polys) == len(whole_polys)
+    for p in polys:  # no flake twice
+        assert sum(p.intersection(q).area > 0.5 * p.area for q in polys) == 1
+
+
+def test_resuming_with_a_different_plan_is_refused(make_core, segmenter, tmp_path):
+    cfg = _flat()
+    _scan(make_core(cfg), _region(0, 0, 100, 100, focus=_FIXED), tmp_path / "s", segmenter)
+    before = (tmp_path / "s" / "flakes.json").read_bytes()
+    with pytest.raises(JournalError, match="different plan"):
+        _scan(
+            make_core(cfg),
+            _region(0, 0, 200, 100, focus=_FIXED),
+            tmp_path / "s",
+            segmenter,
+            resume=True,
+        )
+    assert (tmp_path / "s" / "flakes.json").read_bytes() == before
+    with pytest.raises(JournalError, match="no journal"):
+        _scan(
+            make_core(cfg),
+            _region(0, 0, 100, 100, focus=_FIXED),
+            tmp_path / "new",
+            segmenter,
+            resume=True,
+        )
+
+
+def test_autofocus_that_finds_nothing_stops_the_scan_with_a_clear_error(
+    make_core, segmenter, tmp_path
+):
+    cfg = _flat(
+        flakes={
+            "thin_flakes_per_mm2": 0,
+            "bulk_pieces_per_mm2": 0,
+            "residue_per_mm2": 0,
+            "dust_per_mm2": 0,
+        }
+    )
+    core = make_core(cfg)
+    focus = FocusConfig(points=5, tries_per_point=2)
+    with pytest.raises(ScanError, match="autofocus found the chip at only 0 of 5"):
+        _scan(core, _region(100, 100, 900, 900, focus=focus), tmp_path / "s", segmenter)
