@@ -8,6 +8,7 @@ that state when it exposes, as a real camera looks at whatever is under the obje
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -237,7 +238,9 @@ class SimRGBCamera(SimpleCameraDevice):
             objective = s.objective
             shutter_open = s.shutter_open
         s.clock.add(exposure_s=exposure_ms / 1000)
-        s.clock.sleep(exposure_ms / 1000)
+        # Rendered inside the exposure, as a real sensor integrates while the caller waits:
+        # the simulation's own work must not make the rig look slower than its hardware.
+        began = time.perf_counter()
         with s.lock:
             s.frames += 1
         if s.faults.strikes("black_frame"):
@@ -253,4 +256,7 @@ class SimRGBCamera(SimpleCameraDevice):
                 smear_um=(float(end[0] - start[0]), float(end[1] - start[1])),
             )
             s.renderer.render(exp, out=buffer)
+        s.clock.sleep(
+            exposure_ms / 1000 - (time.perf_counter() - began) / max(s.clock.time_scale, 1e-9)
+        )
         return {"Exposure-ms": exposure_ms}
