@@ -92,20 +92,20 @@ def autofocus(
             f"only {len(coarse)} of the coarse sweep's Z positions around {center_z_um:.2f} µm "
             f"lie within {lower_z_um:g}..{safe_z_um:g} µm; move the centre inside the range"
         )
-    best_coarse = max(coarse, key=lambda s: s[1])[0]
-    fine_z = _points(best_coarse, fine_range_um, fine_step_um, limits)
-    sweep = coarse + _sweep(core, [z for z in fine_z if not _sampled(coarse, z)], limits)
-
     floor = float(np.median([s for _, s in coarse]))
     if floor <= 0:
         raise AutofocusError("most frames of the focus sweep were black: is the lamp on?")
-    s_best = max(s for _, s in sweep)
+    # Judged on the coarse sweep alone: a bare field is given up without a fine sweep (the
+    # focus survey tries several places, so this is most of its time on a sparse chip).
+    best_coarse, s_best = max(coarse, key=lambda s: s[1])
     if s_best / floor - 1 < min_contrast:
         raise AutofocusError(
-            f"flat focus sweep ({len(sweep)} frames, the sharpest only "
+            f"flat focus sweep ({len(coarse)} frames, the sharpest only "
             f"{100 * (s_best / floor - 1):.0f}% above typical): nothing in view to focus on; "
             "try a point with structure"
         )
+    fine_z = _points(best_coarse, fine_range_um, fine_step_um, limits)
+    sweep = coarse + _sweep(core, [z for z in fine_z if not _sampled(coarse, z)], limits)
     # Focus midway between two coarse points can send the fine sweep to the wrong one, leaving
     # the peak at the fine sweep's end; walk on until the sharpest sample has a sample one
     # fine step away on either side (an uneven parabola through a cusp would be biased).

@@ -53,7 +53,14 @@ def survey_focus(
             near = any(math.hypot(px - q[0], py - q[1]) < apart for q in found)
             if not inside or near or not _within(px, py, limits):
                 continue
-            z = _focus_at(core, px, py, _predict(found, px, py, start_z), fc, limits)
+            # Once a plane is known it predicts the rest within a few µm: a shorter sweep.
+            span = (
+                fc.coarse_range_um
+                if len(found) < 3
+                else min(fc.coarse_range_um, fc.follow_range_um)
+            )
+            centre = _predict(found, px, py, start_z)
+            z = _focus_at(core, px, py, centre, span, fc, limits)
             if z is not None:
                 found.append((px, py, z))
                 log.info("focus.point", x_um=px, y_um=py, z_um=round(z, 3))
@@ -69,7 +76,13 @@ def survey_focus(
 
 
 def _focus_at(
-    core: CMMCorePlus, x: float, y: float, centre: float, fc: FocusConfig, lim: StageLimits
+    core: CMMCorePlus,
+    x: float,
+    y: float,
+    centre: float,
+    span: float,
+    fc: FocusConfig,
+    lim: StageLimits,
 ) -> float | None:
     try:
         core.setXYPosition(x, y)
@@ -77,7 +90,7 @@ def _focus_at(
         return autofocus(
             core,
             center_z_um=min(max(centre, lim.lower_z_um), lim.safe_z_um),
-            coarse_range_um=fc.coarse_range_um,
+            coarse_range_um=span,
             coarse_step_um=fc.coarse_step_um,
             fine_range_um=fc.fine_range_um,
             fine_step_um=fc.fine_step_um,

@@ -34,7 +34,10 @@ class FocusConfig(_Strict):
     points: Annotated[int, Field(ge=5, le=9)] = 9
     #: where the first sweep is centred; None: the focus drive's Z when the scan starts
     start_z_um: float | None = None
+    #: the first three points' coarse sweep: how far focus may be from `start_z_um`
     coarse_range_um: Positive = 40.0
+    #: later points' coarse sweep, centred on the plane through the first three
+    follow_range_um: Positive = 10.0
     coarse_step_um: Positive = 2.0
     fine_range_um: Positive = 2.0
     fine_step_um: Positive = 0.25
