@@ -52,6 +52,14 @@ def with_rig_defaults(cfg: ScanConfig, core: CMMCorePlus) -> ScanConfig:
     return cfg.model_copy(update={"chip": ChipOutline(corners_um=((x0, y0), (x1, y1)))})
 
 
+def default_out(config: Path) -> Path:
+    """runs/<config name>-<local date>-<time>: a new folder for every scan."""
+    import datetime as dt
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.stem}-{stamp}"
+
+
 def run_scan(
     core: CMMCorePlus,
     cfg: ScanConfig,
@@ -133,14 +141,15 @@ def scan(
         model_update["device"] = device
     if model_update:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=model_update)})
-    folder = resume or out or cfg.out
+    folder = resume or out or cfg.out or default_out(config)
 
     bar = Progress(
-        TextColumn("[bold]{task.fields[phase]}"),
-        BarColumn(),
+        TextColumn("[bold]{task.fields[phase]:<9}"),
+        BarColumn(bar_width=24),
         MofNCompleteColumn(),
-        TextColumn("fields · {task.fields[flakes]} · {task.fields[rate]}"),
+        TextColumn("fields {task.fields[rate]} {task.fields[flakes]}"),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
     )
@@ -156,14 +165,15 @@ def scan(
         if p.phase != "scanning" or scanned == 0:
             clock["t0"] = now if scanned == 0 else clock["t0"]
         rate = scanned / (now - clock["t0"]) if now > clock["t0"] and scanned else 0.0
-        failed = f", [red]{p.fields_failed} failed[/]" if p.fields_failed else ""
+        failed = f" [red]{p.fields_failed} failed[/]" if p.fields_failed else ""
         bar.update(
             task,
             total=p.fields_total,
             completed=p.fields_done + p.fields_failed,
             phase=p.phase,
-            flakes=f"{p.monolayers} monolayer, {p.bilayers} bilayer pieces{failed}",
-            rate=f"{rate:.1f} fields/s",
+            # pieces per tile until the merge at the end: a flake over two tiles counts twice
+            flakes=f"1L {p.monolayers} 2L {p.bilayers}{failed}",
+            rate=f"{rate:.1f}/s",
         )
 
     try:

@@ -82,8 +82,9 @@ class ScanConfig(_Strict):
     overview_um_per_px: Annotated[float, Field(ge=0.05, le=100)] = 1.0
     #: rewrite flakes.json at most this often while the scan runs
     flake_map_every_s: Annotated[float, Field(ge=0)] = 5.0
-    #: where to write; `flakescan scan --out` overrides it
-    out: Path = Path("runs/scan")
+    #: where to write (a new or empty folder); None: runs/<config name>-<date>-<time>;
+    #: `flakescan scan --out` overrides it
+    out: Path | None = None
 
 
 def load_scan_config(path: str | Path) -> ScanConfig:
