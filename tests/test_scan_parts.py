@@ -155,3 +155,36 @@ def test_the_scan_command_scans_and_prints_the_score(tmp_path) -> None:
     again = CliRunner().invoke(app, ["scan", str(config), "--out", str(out)])
     assert again.exit_code != 0 and "--resume" in again.output
     assert (out / "flakes.json").read_bytes() == before
+
+
+def test_a_real_rig_scan_needs_a_chip_outline_and_the_rig_limits(core, tmp_path) -> None:
+    from model.segmenter import Segmenter
+    from model.unet import build_unet
+    from scanner.acquisition import StageLimits
+    from scanner.scan import Scan, ScanError
+    from scanner.scan_command import rig_limits
+    from scanner.scan_config import ScanConfig
+
+    segmenter = Segmenter(build_unet("tiny"))
+    limits = StageLimits((0, 1), (0, 1), 2000)
+    with pytest.raises(ScanError, match="no chip outline"):
+        Scan(core, ScanConfig(), tmp_path / "s", segmenter=segmenter, limits=limits)
+    # a Micro-Manager rig's limits come from its YAML
+    (tmp_path / "rig.cfg").write_text("# empty\n")
+    rig = _write(
+        tmp_path / "rig.yaml",
+        {
+            "rig": "micromanager",
+            "mm_config": "rig.cfg",
+            "safe_z_um": 4200,
+            "x_limits_um": [-100, 100],
+            "y_limits_um": [-50, 50],
+            "scan": {"chip": {"corners_um": [[0, 0], [10, 10]]}},
+        },
+    )
+
+    class _RealCore:  # a core without a simulation: what open_rig gives for a real rig
+        pass
+
+    got = rig_limits(rig, _RealCore())  # type: ignore[arg-type]
+    assert got == StageLimits((-100, 100), (-50, 50), 4200)
