@@ -56,7 +56,11 @@ class ModelConfig(_Strict):
 
 
 class ScanConfig(_Strict):
-    """The `scan:` section. Lengths in stage µm unless named otherwise."""
+    """The `scan:` section. Lengths in stage µm unless named otherwise.
+
+    The objective is the rig's (`objective:` in the rig part of the same YAML): the pixel
+    size, and so the whole plan, follow from it.
+    """
 
     #: where the chip lies on the stage; None on the simulated rig: the simulated chip
     chip: ChipOutline | None = None
@@ -65,8 +69,6 @@ class ScanConfig(_Strict):
     chip_origin_um: tuple[float, float] | None = None
     #: the chip's edges against the stage axes, degrees counter-clockwise
     chip_rotation_deg: float = 0.0
-    #: None: the objective the rig is set to
-    objective: str | None = None
     #: share of a field that overlaps its neighbour: a flake cut by one field's edge is whole
     #: in the next when it is smaller than this overlap
     overlap: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1

@@ -379,3 +379,33 @@ def test_autofocus_that_finds_nothing_stops_the_scan_with_a_clear_error(
     focus = FocusConfig(points=5, tries_per_point=2)
     with pytest.raises(ScanError, match="autofocus found the chip at only 0 of 5"):
         _scan(core, _region(100, 100, 900, 900, focus=focus), tmp_path / "s", segmenter)
+
+
+def test_a_rotated_camera_still_puts_flakes_where_they_are(make_core, segmenter, tmp_path):
+    # The camera is mounted a quarter turn round: image columns run along stage y. The
+    # core's pixel-size affine says so, and flakes must land at their stage place all the same.
+    cfg = _flat(
+        flakes={"thin_flakes_per_mm2": 40, "monolayer_size_um": [8, 14]},
+        camera={"rotation_deg": 90.0},
+    )
+    core = make_core(cfg)
+    world = core.simulation.world
+    target = next(
+        f.polygon
+        for f in world.flakes
+        if f.layer_class == "monolayer"
+        and 40 < f.polygon.area < 200
+        and 150 < f.polygon.centroid.x < 850
+        and 150 < f.polygon.centroid.y < 850
+    )
+    cx, cy = target.centroid.x, target.centroid.y
+    scan_cfg = _region(cx - 60, cy - 60, cx + 60, cy + 60, focus=_FIXED)
+    _, result = _scan(core, scan_cfg, tmp_path / "s", segmenter)
+    hits = [
+        r
+        for r in result.flakes
+        if r["layer_class"] == "monolayer"
+        and Polygon(r["polygon_stage_um"]).intersection(target).area > 0.5 * target.area
+    ]
+    assert len(hits) == 1
+    assert math.dist(hits[0]["centroid_stage_um"], (cx, cy)) < 1.0
