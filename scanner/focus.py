@@ -95,17 +95,17 @@ def autofocus(
     floor = float(np.median([s for _, s in coarse]))
     if floor <= 0:
         raise AutofocusError("most frames of the focus sweep were black: is the lamp on?")
-    # Judged on the coarse sweep alone: a bare field is given up without a fine sweep (the
-    # focus survey tries several places, so this is most of its time on a sparse chip).
+    # A bare field is given up on the coarse sweep alone, without a fine sweep (the focus
+    # survey tries several places, so this is most of its time on a sparse chip). Coarse
+    # steps can straddle a narrow peak, so here it takes only half the contrast.
     best_coarse, s_best = max(coarse, key=lambda s: s[1])
-    if s_best / floor - 1 < min_contrast:
-        raise AutofocusError(
-            f"flat focus sweep ({len(coarse)} frames, the sharpest only "
-            f"{100 * (s_best / floor - 1):.0f}% above typical): nothing in view to focus on; "
-            "try a point with structure"
-        )
+    if s_best / floor - 1 < min_contrast / 2:
+        raise _flat(len(coarse), s_best / floor - 1)
     fine_z = _points(best_coarse, fine_range_um, fine_step_um, limits)
     sweep = coarse + _sweep(core, [z for z in fine_z if not _sampled(coarse, z)], limits)
+    s_best = max(s for _, s in sweep)
+    if s_best / floor - 1 < min_contrast:
+        raise _flat(len(sweep), s_best / floor - 1)
     # Focus midway between two coarse points can send the fine sweep to the wrong one, leaving
     # the peak at the fine sweep's end; walk on until the sharpest sample has a sample one
     # fine step away on either side (an uneven parabola through a cusp would be biased).
@@ -128,6 +128,13 @@ def autofocus(
     raise AutofocusError(
         f"sharpness still rising at z = {z_best:.2f} µm, past the searched range: focus "
         "probably lies beyond it; centre the sweep nearer focus or widen it"
+    )
+
+
+def _flat(frames: int, contrast: float) -> AutofocusError:
+    return AutofocusError(
+        f"flat focus sweep ({frames} frames, the sharpest only {100 * contrast:.0f}% above "
+        "typical): nothing in view to focus on; try a point with structure"
     )
 
 

@@ -72,6 +72,8 @@ class JournalState:
     """What a journal says was done."""
 
     plan_digest: str | None = None
+    #: when the scan was first started (ISO 8601)
+    started: str | None = None
     focus_points: list[tuple[float, float, float]] | None = None
     #: field index -> its last line (a field re-scanned on resume has a newer line)
     fields: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -131,6 +133,7 @@ def read_journal(path: Path) -> JournalState:
             if line.get("version") != JOURNAL_VERSION:
                 raise JournalError(f"{path}: journal version {line.get('version')} is not 1")
             state.plan_digest = line["plan_digest"]
+            state.started = line.get("started")
         elif kind == "focus":
             state.focus_points = [tuple(p) for p in line["points"]]
         elif kind == "field":

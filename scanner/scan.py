@@ -122,6 +122,7 @@ class Scan:
         )
         self._acquisition: Acquisition | None = None
         self._stop_requested = False
+        self._started_at = _now()
 
     # ------------------------------------------------------------------ setup
     def _calibration(self) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
@@ -162,6 +163,7 @@ class Scan:
         digest = plan_digest(fields)
         progress = ScanProgress(fields_total=len(fields))
         store, journal, state = self._open_output(fields, frame_shape, frame0, digest)
+        self._started_at = (state.started if state else None) or self._started_at
         try:
             done = state.done() if state else set()
             tile_flakes: list[TileFlake] = state.tile_flakes() if state else []
@@ -276,7 +278,7 @@ class Scan:
             version=JOURNAL_VERSION,
             plan_digest=digest,
             fields=len(fields),
-            started=_now(),
+            started=self._started_at,
             config=self.cfg.model_dump(mode="json"),
         )
         return store, journal, None
@@ -501,8 +503,6 @@ class Scan:
 
     @property
     def _started(self) -> str:
-        if not hasattr(self, "_started_at"):
-            self._started_at = _now()
         return self._started_at
 
     def _write_map(

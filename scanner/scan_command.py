@@ -99,9 +99,16 @@ def run_scan(
 
     async def main() -> ScanResult:
         if stop_on_sigint:
-            # First Ctrl-C: finish the field in hand, save, and say how to resume.
+            # First Ctrl-C: finish the field in hand, save, and say how to resume; a second
+            # one interrupts at once (the journal still lets the scan resume).
             loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGINT, scan.stop)
+
+            def first_interrupt() -> None:
+                console.print("[yellow]stopping after the field in hand (Ctrl-C again to abort)[/]")
+                loop.remove_signal_handler(signal.SIGINT)
+                scan.stop()
+
+            loop.add_signal_handler(signal.SIGINT, first_interrupt)
         return await scan.run()
 
     return asyncio.run(main())
