@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,6 @@ from model.segmenter import Segmenter
 from .acquisition import Acquisition, FieldResult, RefocusConfig, StageLimits
 from .flakemap import (
     ChipFrame,
-    ScanScore,
     flake_records,
     score_against_truth,
     write_flake_map,
@@ -50,8 +47,9 @@ from .journal import (
     tile_flake_to_json,
 )
 from .pictures import write_flake_crops, write_overview_png
-from .plan import ChipOutline, FieldOfView, cut_into_tiles, plan_fields
+from .plan import FieldOfView, cut_into_tiles, plan_fields
 from .scan_config import ScanConfig
+from .scan_result import ScanProgress, ScanResult, summary, write_json
 from .scan_store import MosaicGrid, ScanStore
 
 log = structlog.get_logger("flakescan.scan")
@@ -63,30 +61,6 @@ _CHIP_EDGE_UM = 2.0
 
 class ScanError(RuntimeError):
     """The scan cannot start or go on; the message says why and what to change."""
-
-
-@dataclass
-class ScanProgress:
-    fields_total: int
-    fields_done: int = 0
-    fields_failed: int = 0
-    monolayers: int = 0
-    bilayers: int = 0
-    #: planning, focusing, scanning, finishing, done (or stopped)
-    phase: str = "planning"
-    #: fields done before this run (a resumed scan)
-    fields_resumed: int = 0
-
-
-@dataclass
-class ScanResult:
-    out: Path
-    progress: ScanProgress
-    flakes: list[dict[str, Any]]
-    failed_fields: list[dict[str, Any]]
-    score: ScanScore | None
-    wall_s: float
-    focus_points: list[tuple[float, float, float]] = field(default_factory=list)
 
 
 class Scan:
@@ -211,7 +185,7 @@ class Scan:
             score = None
             if self.truth is not None:
                 score = score_against_truth(records, self.truth)
-                _write_json(self.out / "score.json", score.model_dump(mode="json"))
+                write_json(self.out / "score.json", score.model_dump(mode="json"))
             progress.phase = "done"
             self._report(progress)
             result = ScanResult(
@@ -223,7 +197,7 @@ class Scan:
                 wall_s=time.perf_counter() - started,
                 focus_points=points,
             )
-            _write_json(self.out / "summary.json", _summary(result))
+            write_json(self.out / "summary.json", summary(result))
             return result
         finally:
             journal.close()
@@ -531,7 +505,7 @@ class Scan:
         records = self._write_map(tile_flakes, pixel_size_um, patches)
         write_overview_png(store, records, self.out / "overview.png")
         if self.truth is not None:
-            _write_json(
+            write_json(
                 self.out / "truth.json",
                 {
                     "schema_version": "1.0",
@@ -556,28 +530,6 @@ class Scan:
 
 
 # ---------------------------------------------------------------------- helpers
-def simulated_truth(
-    core: CMMCorePlus, outline: ChipOutline, chip_origin_um: tuple[float, float]
-) -> list[dict] | None:
-    """The simulated world's monolayers and bilayers inside the scanned outline, as flake
-    records (most of a flake's area inside, as the scan counts its own); None on a real rig."""
-    scope = getattr(core, "simulation", None)
-    if scope is None:
-        return None
-    scanned = outline.shape()
-    records = []
-    for f in scope.world.flakes:
-        if f.layer_class not in ("monolayer", "bilayer"):
-            continue
-        if f.polygon.intersection(scanned).area < 0.5 * f.polygon.area:
-            continue
-        r = f.to_record(chip_origin_um)
-        r["bbox_stage_um"] = [round(v, 3) for v in f.polygon.bounds]
-        r["tiles"] = []
-        records.append(r)
-    return records
-
-
 def _tile_map(frame_map: PixelToStage, r0: int, c0: int) -> PixelToStage:
     centre = frame_map.pixel_to_stage(np.array(r0 + (TILE - 1) / 2), np.array(c0 + (TILE - 1) / 2))
     return PixelToStage(
@@ -608,27 +560,3 @@ def _failed_record(result: FieldResult) -> dict[str, Any]:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def _summary(result: ScanResult) -> dict[str, Any]:
-    p = result.progress
-    counts = {"monolayer": 0, "bilayer": 0}
-    for r in result.flakes:
-        counts[r["layer_class"]] += 1
-    return {
-        "fields_total": p.fields_total,
-        "fields_done": p.fields_done,
-        "fields_failed": p.fields_failed,
-        "fields_resumed": p.fields_resumed,
-        "flakes": counts,
-        "failed_fields": result.failed_fields,
-        "focus_points_um": [list(pt) for pt in result.focus_points],
-        "wall_s": round(result.wall_s, 2),
-        "score": result.score.model_dump(mode="json") if result.score else None,
-    }

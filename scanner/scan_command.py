@@ -22,8 +22,9 @@ from rich.table import Table
 from .acquisition import StageLimits
 from .console import console, fail
 from .plan import ChipOutline
-from .scan import Scan, ScanError, ScanProgress, ScanResult, simulated_truth
+from .scan import Scan, ScanError, ScanProgress, ScanResult
 from .scan_config import ScanConfig
+from .truth import simulated_truth
 
 
 def rig_limits(config: Path, core: CMMCorePlus) -> StageLimits:

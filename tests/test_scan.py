@@ -26,9 +26,10 @@ from scanner.flakemap import read_flake_map
 from scanner.focus import edge_blur_px
 from scanner.journal import JournalError, read_journal
 from scanner.plan import ChipOutline
-from scanner.scan import Scan, ScanError, ScanProgress, simulated_truth
+from scanner.scan import Scan, ScanError, ScanProgress
 from scanner.scan_config import FocusConfig, ModelConfig, ScanConfig
 from scanner.scan_store import DONE, FAILED, ScanStore
+from scanner.truth import simulated_truth
 
 FOV_UM = 76.8
 
