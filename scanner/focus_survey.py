@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import shapely
@@ -38,8 +38,12 @@ def survey_focus(
     limits: StageLimits,
     *,
     field_step_um: tuple[float, float],
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[FocusMap, list[Point3]]:
-    """Autofocus at `fc.points` places over the chip; the fitted surface and the points."""
+    """Autofocus at `fc.points` places over the chip; the fitted surface and the points.
+
+    `should_stop` is asked before each place: a stopped survey raises FocusSurveyError.
+    """
     start_z = fc.start_z_um if fc.start_z_um is not None else float(core.getPosition())
     shape = outline.shape()
     x0, y0, x1, y1 = outline.bounds
@@ -53,6 +57,8 @@ def survey_focus(
             near = any(math.hypot(px - q[0], py - q[1]) < apart for q in found)
             if not inside or near or not _within(px, py, limits):
                 continue
+            if should_stop():
+                raise FocusSurveyError("the focus survey was stopped")
             # Once a plane is known it predicts the rest within a few µm: a shorter sweep.
             span = (
                 fc.coarse_range_um
@@ -87,6 +93,9 @@ def _focus_at(
     try:
         core.setXYPosition(x, y)
         core.waitForDevice(core.getXYStageDevice())
+        rx, ry = core.getXYPosition()
+        if math.hypot(rx - x, ry - y) > 1.0:  # a Z filed under the wrong place misleads
+            raise RuntimeError(f"stage reported ({rx:.1f}, {ry:.1f}) µm, not ({x:.1f}, {y:.1f})")
         return autofocus(
             core,
             center_z_um=min(max(centre, lim.lower_z_um), lim.safe_z_um),
@@ -99,6 +108,8 @@ def _focus_at(
         ).z_um
     except AutofocusError as e:
         log.info("focus.point_skipped", x_um=x, y_um=y, reason=str(e))
+    except ValueError:  # a request the drive refuses (limits): the same everywhere
+        raise
     except Exception as e:  # hardware: stop the stage, and try the next place
         log.warning("focus.point_failed", x_um=x, y_um=y, error=str(e))
         with contextlib.suppress(Exception):

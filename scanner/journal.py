@@ -34,9 +34,15 @@ class JournalError(RuntimeError):
     """A journal that cannot be resumed from (a different plan, or not a flakescan journal)."""
 
 
-def plan_digest(fields: Sequence[FieldOfView]) -> str:
-    """A fingerprint of the plan: resuming with a different plan would misfile tiles."""
+def plan_digest(
+    fields: Sequence[FieldOfView],
+    frame_shape: tuple[int, int] = (0, 0),
+    pixel_matrix: Sequence[float] = (),
+) -> str:
+    """A fingerprint of the plan and the camera's frame: resuming with a different plan, ROI
+    or pixel calibration would misfile tiles or place them wrongly."""
     h = hashlib.sha256()
+    h.update(f"{tuple(frame_shape)};{[round(float(v), 9) for v in pixel_matrix]};".encode())
     for f in fields:
         h.update(f"{f.index},{f.row},{f.col},{f.x_um:.3f},{f.y_um:.3f};".encode())
     return h.hexdigest()[:16]
@@ -97,9 +103,11 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        _cut_torn_tail(path)
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (lives with the scan)
 
     def write(self, kind: str, **data: Any) -> None:
+        # One write call per line: a kill leaves at most this line torn, never two merged.
         self._file.write(json.dumps({"kind": kind, **data}, separators=(",", ":")) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -112,6 +120,20 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a last line torn by a kill mid-write, so the next line starts on a line of its
+    own (appended to the fragment, it would look like damage on the next resume)."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_journal(path: Path) -> JournalState:

@@ -31,7 +31,8 @@ def write_overview_png(
     draw = ImageDraw.Draw(picture)
 
     def px(xy: Sequence[float]) -> tuple[float, float]:
-        return ((xy[0] - m.x0_um) / um_per_px, (xy[1] - m.y0_um) / um_per_px)
+        # ImageDraw puts integer coordinates on pixel centres; ours are pixel corners.
+        return ((xy[0] - m.x0_um) / um_per_px - 0.5, (xy[1] - m.y0_um) / um_per_px - 0.5)
 
     for r in records:
         colour = CLASS_COLOURS.get(r["layer_class"], (255, 255, 255))
@@ -73,7 +74,7 @@ def write_flake_crops(
         crop = Image.fromarray(np.ascontiguousarray(image[r0:r1, c0:c1]))
         draw = ImageDraw.Draw(crop)
         draw.polygon(
-            [(x - c0, y - r0) for x, y in outline.tolist()],
+            [(x - c0 - 0.5, y - r0 - 0.5) for x, y in outline.tolist()],  # corners -> centres
             outline=CLASS_COLOURS.get(r["layer_class"], (255, 255, 255)),
         )
         path = folder / f"flake-{r['id']:04d}.png"

@@ -258,8 +258,11 @@ class SafeMDAEngine(MDAEngine):
                     min_contrast=0.1,
                 )
             except AutofocusError as e:
-                # The planned frame stands: blurred is better than none, and the record says so.
+                # The planned frame stands: blurred is better than none. The drive goes back
+                # to where it was taken; the sweep left it at its far end.
                 log.warning("field.refocus_failed", field=name, edge_blur_px=blur, error=str(e))
+                core.setZPosition(z)
+                core.waitForDevice(core.getFocusDevice())
                 return z, frame, None
         with _blame("camera error", core, None):
             core.snapImage()

@@ -12,8 +12,11 @@ and reports progress.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +50,7 @@ from .journal import (
     tile_flake_to_json,
 )
 from .pictures import write_flake_crops, write_overview_png
-from .plan import FieldOfView, cut_into_tiles, plan_fields
+from .plan import FieldOfView, check_against_limits, check_focus_plan, cut_into_tiles, plan_fields
 from .scan_config import ScanConfig
 from .scan_result import ScanProgress, ScanResult, summary, write_json
 from .scan_store import MosaicGrid, ScanStore
@@ -112,14 +115,27 @@ class Scan:
                 f"camera frames are {shape[0]}×{shape[1]} px; the model needs {TILE}×{TILE} tiles "
                 "(use a larger camera ROI or no binning)"
             )
-        to_stage = PixelToStage.from_mm_affine(core.getPixelSizeAffine(), (0.0, 0.0), shape)
+        px = float(core.getPixelSizeUm())
+        try:
+            to_stage = PixelToStage.from_mm_affine(core.getPixelSizeAffine(), (0.0, 0.0), shape)
+        except ValueError:
+            to_stage = None
+        if to_stage is None or abs(to_stage.pixel_size_um / px - 1) > 0.01:
+            # A .cfg with only PixelSize_um leaves the affine at identity (1 µm/px): take the
+            # pixel size, and assume the camera is aligned with the stage, unmirrored.
+            log.warning(
+                "scan.pixel_affine_ignored",
+                pixel_size_um=px,
+                affine=list(core.getPixelSizeAffine()),
+                hint="define PixelSizeAffine in the .cfg for a rotated or mirrored camera",
+            )
+            to_stage = PixelToStage.from_calibration((0.0, 0.0), shape, px)
         return shape, to_stage.matrix
 
     def plan(self) -> tuple[list[FieldOfView], tuple[int, int], PixelToStage]:
         shape, matrix = self._calibration()
         frame = PixelToStage(center_um=(0.0, 0.0), shape=shape, matrix=matrix)
-        x0, y0, x1, y1 = frame.footprint().bounds
-        fields = plan_fields(self.outline, fov_um=(x1 - x0, y1 - y0), overlap=self.cfg.overlap)
+        fields = plan_fields(self.outline, fov_um=field_of_view_um(frame), overlap=self.cfg.overlap)
         return fields, shape, frame
 
     # ------------------------------------------------------------------ run
@@ -134,8 +150,13 @@ class Scan:
         fields, frame_shape, frame0 = self.plan()
         if not fields:
             raise ScanError("the chip outline holds no field of view")
-        digest = plan_digest(fields)
+        digest = plan_digest(fields, frame_shape, frame0.matrix)
         progress = ScanProgress(fields_total=len(fields))
+        lim = self.limits
+        try:  # before anything moves or is written
+            check_against_limits(fields, lim.x_limits_um, lim.y_limits_um)
+        except ValueError as e:
+            raise ScanError(str(e)) from None
         store, journal, state = self._open_output(fields, frame_shape, frame0, digest)
         self._started_at = (state.started if state else None) or self._started_at
         try:
@@ -149,7 +170,7 @@ class Scan:
             progress.phase = "focusing"
             self._report(progress)
             z_um, points = await asyncio.to_thread(
-                self._focus, journal, state.focus_points if state else None, frame0
+                self._focus, journal, state.focus_points if state else None, frame0, fields
             )
             todo = [f for f in fields if f.index not in done]
             progress.phase = "scanning"
@@ -218,7 +239,11 @@ class Scan:
                     f"{out} holds a scan of a different plan (chip, overlap, objective or camera "
                     "changed); resume it with the config it was started with, or start a new scan"
                 )
-            store = ScanStore.open(out / "scan.zarr")
+            if (out / "scan.zarr" / "zarr.json").is_file():
+                store = ScanStore.open(out / "scan.zarr")
+            else:  # killed before the store was made: nothing was scanned yet
+                shutil.rmtree(out / "scan.zarr", ignore_errors=True)
+                store = self._create_store(fields, frame0, tiles_per_field, digest)
             journal = Journal(out / JOURNAL_NAME)
             journal.write("resumed", at=_now())
             return store, journal, state
@@ -228,12 +253,33 @@ class Scan:
                 f"with --resume {out}"
             )
         out.mkdir(parents=True, exist_ok=True)
+        # The journal's start line first: a folder killed while the store is being created
+        # then resumes (the store is made again) instead of being neither new nor resumable.
+        journal = Journal(out / JOURNAL_NAME)
+        journal.write(
+            "start",
+            version=JOURNAL_VERSION,
+            plan_digest=digest,
+            fields=len(fields),
+            started=self._started_at,
+            config=self.cfg.model_dump(mode="json"),
+        )
+        store = self._create_store(fields, frame0, tiles_per_field, digest)
+        return store, journal, None
+
+    def _create_store(
+        self,
+        fields: Sequence[FieldOfView],
+        frame0: PixelToStage,
+        tiles_per_field: int,
+        digest: str,
+    ) -> ScanStore:
         w, h = frame0.footprint().bounds[2:]  # the frame's half extents
         xs = [f.x_um for f in fields]
         ys = [f.y_um for f in fields]
         bounds = (min(xs) - w, min(ys) - h, max(xs) + w, max(ys) + h)
-        store = ScanStore.create(
-            out / "scan.zarr",
+        return ScanStore.create(
+            self.out / "scan.zarr",
             n_fields=len(fields),
             tiles_per_field=tiles_per_field,
             tile_shape=(TILE, TILE),
@@ -246,16 +292,6 @@ class Scan:
                 "classes": ["other", "monolayer", "bilayer"],
             },
         )
-        journal = Journal(out / JOURNAL_NAME)
-        journal.write(
-            "start",
-            version=JOURNAL_VERSION,
-            plan_digest=digest,
-            fields=len(fields),
-            started=self._started_at,
-            config=self.cfg.model_dump(mode="json"),
-        )
-        return store, journal, None
 
     # ------------------------------------------------------------------ focus
     def _focus(
@@ -263,19 +299,32 @@ class Scan:
         journal: Journal,
         known: list[tuple[float, float, float]] | None,
         frame0: PixelToStage,
+        fields: Sequence[FieldOfView],
     ) -> tuple[Callable[[float, float], float] | None, list[tuple[float, float, float]]]:
         fc = self.cfg.focus
         if fc.strategy == "none":
             return None, []
         if known is not None:  # resumed: the chip has not moved, the surface stands
             return FocusMap().fit(known).z_at, known
-        x0, y0, x1, y1 = frame0.footprint().bounds
         try:
             surface, found = survey_focus(
-                self.core, self.outline, fc, self.limits, field_step_um=(x1 - x0, y1 - y0)
+                self.core,
+                self.outline,
+                fc,
+                self.limits,
+                field_step_um=field_of_view_um(frame0),
+                should_stop=lambda: self._stop_requested,
             )
         except FocusSurveyError as e:
+            if self._stop_requested:
+                return None, []  # stopped: nothing journalled, the resume surveys again
             raise ScanError(str(e)) from None
+        try:  # refused before the surface is journalled: a resume would reuse it
+            check_focus_plan(fields, surface.z_at, self.limits.safe_z_um, self.limits.lower_z_um)
+        except ValueError as e:
+            raise ScanError(
+                f"the focus surface through {found} leaves the safe range: {e}"
+            ) from None
         journal.write(
             "focus",
             points=[list(p) for p in found],
@@ -324,11 +373,16 @@ class Scan:
         infer_pool = ThreadPoolExecutor(1, thread_name_prefix="flakescan-inference")
         post_pool = ThreadPoolExecutor(1, thread_name_prefix="flakescan-recording")
         loop = asyncio.get_running_loop()
+        map_pool = ThreadPoolExecutor(1, thread_name_prefix="flakescan-flake-map")
         last_map = [time.monotonic()]
+        map_job: list[asyncio.Future | None] = [None]
 
         async def pump() -> None:
-            async for result in acq.results():
-                await fields_q.put(result)
+            # aclosing: if a consumer fails while this waits on a full queue, the generator's
+            # cleanup (stop the thread, restore the engine) still runs now, not at GC.
+            async with contextlib.aclosing(acq.results()) as results:
+                async for result in results:
+                    await fields_q.put(result)
             await fields_q.put(None)
 
         async def infer() -> None:
@@ -371,22 +425,32 @@ class Scan:
                         progress.fields_failed += 1
                 self._count(progress, tile_flakes)
                 self._report(progress)
-                if time.monotonic() - last_map[0] >= cfg.flake_map_every_s:
+                due = time.monotonic() - last_map[0] >= cfg.flake_map_every_s
+                if due and (map_job[0] is None or map_job[0].done()):
+                    # On its own worker, and skipped while the last one runs: merging a big
+                    # chip's pieces takes a second and must not hold up the recording.
                     last_map[0] = time.monotonic()
-                    snapshot = list(tile_flakes)
-                    await loop.run_in_executor(
-                        post_pool, self._write_map, snapshot, frame0.pixel_size_um, None
+                    map_job[0] = loop.run_in_executor(
+                        map_pool, self._write_map, list(tile_flakes), frame0.pixel_size_um, None
                     )
+            if map_job[0] is not None:
+                await map_job[0]
 
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(pump())
                 tg.create_task(infer())
                 tg.create_task(record())
+        except* Exception as group:
+            # One failure cancels the other stages; raise it as itself, not as a group.
+            first = group.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
         finally:
             acq.cancel()
-            infer_pool.shutdown(wait=True)
-            post_pool.shutdown(wait=True)
+            for pool in (infer_pool, post_pool, map_pool):
+                await asyncio.to_thread(pool.shutdown, wait=True)
             self._acquisition = None
 
     def _record_batch(
@@ -401,52 +465,75 @@ class Scan:
         """Flakes, zarr and journal for a segmented batch (the recording thread)."""
         found: list[list[TileFlake]] = []
         k = 0
-        for result in batch:
-            if not result.ok:
-                store.mark_failed(result.index)
-                journal.write("field", **_failed_record(result))
-                found.append([])
-                continue
-            assert probs is not None and labels is not None and result.frame is not None
-            # The stage's own reading places the frame (it arrived within tolerance of the
-            # plan; the difference is real and a robot wants the real place).
-            centre = result.stage_xy_um or (result.x_um, result.y_um)
-            frame_map = PixelToStage(
-                center_um=centre, shape=result.frame.shape[:2], matrix=frame0.matrix
-            )
-            written, pieces, views = [], [], {}
-            for j, (r0, c0, tile) in enumerate(cut_into_tiles(result.frame, TILE)):
-                t = store.tile_index(result.index, j)
-                to_stage = _tile_map(frame_map, r0, c0)
-                pieces += self._on_chip(
-                    extract_flakes(
-                        labels[k],
-                        probs[k],
-                        to_stage,
-                        tile=t,
-                        min_area_um2=self.cfg.min_flake_area_um2,
+        for n, result in enumerate(batch):
+            if result.ok:
+                try:
+                    found.append(
+                        self._record_field(result, probs, labels, k, frame0, store, journal)
                     )
-                )
-                views[str(t)] = shapely.to_wkb(to_stage.footprint(), hex=True)
-                written.append((tile, labels[k], to_stage))
-                k += 1
-            store.write_field(result.index, written)
-            journal.write(
-                "field",
-                index=result.index,
-                name=result.name,
-                ok=True,
-                x_um=result.x_um,
-                y_um=result.y_um,
-                stage_xy_um=list(centre),
-                z_um=result.z_um,
-                attempts=result.attempts,
-                refocused_from_um=result.refocused_from_um,
-                views=views,
-                flakes=[tile_flake_to_json(p) for p in pieces],
-            )
-            found.append(pieces)
+                    k += store.tiles_per_field
+                    continue
+                except Exception as e:  # one field's trouble must not end the chip
+                    log.error("field.recording_failed", field=result.name, error=repr(e))
+                    k += store.tiles_per_field
+                    result = dataclasses.replace(
+                        result, ok=False, frame=None, error=f"recording failed: {e!r}"
+                    )
+                    batch[n] = result
+            store.mark_failed(result.index)
+            journal.write("field", **_failed_record(result))
+            found.append([])
         return found
+
+    def _record_field(
+        self,
+        result: FieldResult,
+        probs: np.ndarray | None,
+        labels: np.ndarray | None,
+        k: int,
+        frame0: PixelToStage,
+        store: ScanStore,
+        journal: Journal,
+    ) -> list[TileFlake]:
+        assert probs is not None and labels is not None and result.frame is not None
+        # The stage's own reading places the frame (it arrived within tolerance of the
+        # plan; the difference is real and a robot wants the real place).
+        centre = result.stage_xy_um or (result.x_um, result.y_um)
+        frame_map = PixelToStage(
+            center_um=centre, shape=result.frame.shape[:2], matrix=frame0.matrix
+        )
+        written, pieces, views = [], [], {}
+        for j, (r0, c0, tile) in enumerate(cut_into_tiles(result.frame, TILE)):
+            t = store.tile_index(result.index, j)
+            to_stage = _tile_map(frame_map, r0, c0)
+            pieces += self._on_chip(
+                extract_flakes(
+                    labels[k],
+                    probs[k],
+                    to_stage,
+                    tile=t,
+                    min_area_um2=self.cfg.min_flake_area_um2,
+                )
+            )
+            views[str(t)] = shapely.to_wkb(to_stage.footprint(), hex=True)
+            written.append((tile, labels[k], to_stage))
+            k += 1
+        store.write_field(result.index, written)
+        journal.write(
+            "field",
+            index=result.index,
+            name=result.name,
+            ok=True,
+            x_um=result.x_um,
+            y_um=result.y_um,
+            stage_xy_um=list(centre),
+            z_um=result.z_um,
+            attempts=result.attempts,
+            refocused_from_um=result.refocused_from_um,
+            views=views,
+            flakes=[tile_flake_to_json(p) for p in pieces],
+        )
+        return pieces
 
     def _on_chip(self, pieces: list[TileFlake]) -> list[TileFlake]:
         """Pieces mostly on the chip: the chip's broken edge against the dark stage insert
@@ -560,3 +647,23 @@ def _failed_record(result: FieldResult) -> dict[str, Any]:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def field_of_view_um(frame: PixelToStage) -> tuple[float, float]:
+    """The axis-aligned rectangle (stage µm) the camera sees whole, for the grid plan.
+
+    Square to the stage (any multiple of 90°, mirrored or not) that is the frame itself; a
+    camera turned by θ in between sees a tilted frame, and only the rectangle inscribed in
+    it is covered: planning with the frame's bounding box would leave strips unseen.
+    """
+    a, _, c, _ = frame.matrix
+    h_px, w_px = frame.shape
+    w, h = w_px * frame.pixel_size_um, h_px * frame.pixel_size_um
+    theta = math.degrees(math.atan2(c, a))
+    quarter = round(theta / 90)
+    if quarter % 2:
+        w, h = h, w
+    rest = math.radians(theta - 90 * quarter)
+    cos, sin = abs(math.cos(rest)), abs(math.sin(rest))
+    k = min(w / (w * cos + h * sin), h / (w * sin + h * cos))
+    return w * k, h * k

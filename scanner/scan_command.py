@@ -225,8 +225,10 @@ def _print_summary(result: ScanResult) -> None:
         table.add_row("tiles, masks", str(out / "scan.zarr"))
     console.print(table)
     for f in result.failed_fields:
-        console.print(f"[red]failed field[/] {f['name']} at ({f['x_um']:.1f}, {f['y_um']:.1f}) µm: "
-                      f"{f['error']}")
+        console.print(
+            f"[red]failed field[/] {f['name']} at ({f['x_um']:.1f}, {f['y_um']:.1f}) µm: "
+            f"{f['error']}"
+        )
     if result.score is not None:
         console.print("[bold]score against the simulated world's truth[/] (truth.json):")
         console.print(result.score.format_table())

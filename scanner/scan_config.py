@@ -77,8 +77,8 @@ class ScanConfig(_Strict):
     acquisition: AcquisitionConfig = AcquisitionConfig()
     #: regions smaller than this are not flakes (noise, the model's speckle)
     min_flake_area_um2: Positive = 1.0
-    #: fields acquired but not yet segmented; bounds memory, and makes the stage wait when
-    #: inference falls behind
+    #: fields acquired but not yet segmented; makes the stage wait when inference falls
+    #: behind. Memory holds at most about queue_size + 3 × batch_size fields' frames.
     queue_size: Annotated[int, Field(ge=1, le=1024)] = 16
     #: the overview mosaic's finest level, µm per pixel
     overview_um_per_px: Annotated[float, Field(ge=0.05, le=100)] = 1.0

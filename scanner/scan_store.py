@@ -158,10 +158,12 @@ class ScanStore:
         # Shrink by whole pixels first (box filter: no aliasing), then one affine resample
         # from mosaic pixels into the tile, which also undoes camera rotation and flip.
         reduce = max(1, int(m.um_per_px / to_stage.pixel_size_um))
-        small = Image.fromarray(np.ascontiguousarray(tile)).reduce(reduce)
+        h, w = tile.shape[:2]
+        # Whole boxes only: a part-filled last box would paint past the tile's edge.
+        whole = tile[: h - h % reduce, : w - w % reduce]
+        small = Image.fromarray(np.ascontiguousarray(whole)).reduce(reduce)
         a, b, c, d = to_stage.matrix
         inv = np.linalg.inv(np.array([[a, b], [c, d]])) / reduce  # stage µm -> small-tile px
-        h, w = tile.shape[:2]
         cx, cy = to_stage.center_um
         # mosaic pixel -> stage -> tile pixel (corner coordinates) / reduce; PIL adds the
         # half pixel to output coordinates itself

@@ -436,3 +436,42 @@ def test_a_frame_larger_than_a_tile_is_cut_into_overlapping_tiles(make_core, seg
     # a flake seen by two overlapping tiles of one frame is one record
     _assert_no_flake_twice(result.flakes)
     assert result.score.classes["monolayer"].recall >= 0.75
+
+
+def test_a_failing_model_stops_the_scan_with_its_own_error_and_it_resumes(
+    make_core, segmenter, tmp_path
+):
+    class BrokenSegmenter:
+        calls = 0
+
+        def predict(self, tiles):
+            BrokenSegmenter.calls += 1
+            if BrokenSegmenter.calls == 3:
+                raise MemoryError("CUDA out of memory (simulated)")
+            return segmenter.predict(tiles)
+
+    cfg = _flat()
+    region = _region(100, 100, 330, 330, focus=_FIXED, model=ModelConfig(batch_size=1))
+    core = make_core(cfg)
+    scan = Scan(core, region, tmp_path / "s", segmenter=BrokenSegmenter(), limits=_limits(cfg))
+    with pytest.raises(MemoryError, match="out of memory"):
+        asyncio.run(scan.run())
+    done = read_journal(tmp_path / "s" / "journal.jsonl").done()
+    assert len(done) == 2
+    _, result = _scan(make_core(cfg), region, tmp_path / "s", segmenter, resume=True)
+    assert result.progress.fields_done == result.progress.fields_total == 16
+
+
+def test_a_focus_surface_that_would_pass_the_safe_z_is_refused(make_core, segmenter, tmp_path):
+    cfg = small_rig_config(
+        flakes={"thin_flakes_per_mm2": 40, "bulk_pieces_per_mm2": 60},
+        focus_surface={"tilt_x_um_per_mm": 20.0, "tilt_y_um_per_mm": 0.0, "warp_um": 0.0},
+        focus_drive={"safe_z_um": 1003.0},
+    )
+    core = make_core(cfg)
+    # the survey finds focus below the safe Z, but the plane through it climbs past it
+    region = _region(0, 300, 1000, 700, focus=FocusConfig(points=5))
+    with pytest.raises(ScanError, match="safe"):
+        _scan(core, region, tmp_path / "s", segmenter)
+    lines = (tmp_path / "s" / "journal.jsonl").read_text()
+    assert '"kind":"focus"' not in lines and '"kind":"field"' not in lines

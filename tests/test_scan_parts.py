@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import shapely
 import yaml
 from conftest import small_rig_config
 from typer.testing import CliRunner
@@ -99,6 +100,11 @@ def test_journal_round_trips_pieces_and_ignores_a_torn_last_line(tmp_path) -> No
     (back,) = state.tile_flakes()
     assert back.polygon.equals_exact(piece.polygon, 0) and back.tile == 3
     assert tile_flake_from_json(tile_flake_to_json(piece), {3: piece.field_of_view}) == back
+    # resuming appends after the torn line is cut, so the next resume reads it cleanly
+    with Journal(path) as j:
+        j.write("resumed", at="now")
+    assert read_journal(path).done() == {0}
+    assert path.read_text().splitlines()[-1] == '{"kind":"resumed","at":"now"}'
     # damage before the last line is not a torn write: refuse rather than guess
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
@@ -188,3 +194,39 @@ def test_a_real_rig_scan_needs_a_chip_outline_and_the_rig_limits(core, tmp_path)
 
     got = rig_limits(rig, _RealCore())  # type: ignore[arg-type]
     assert got == StageLimits((-100, 100), (-50, 50), 4200)
+
+
+def test_the_field_of_view_of_a_turned_camera_is_the_rectangle_it_sees_whole() -> None:
+    from scanner.scan import field_of_view_um
+
+    for deg, flip in ((0, False), (90, False), (180, True), (-90, True)):
+        frame = PixelToStage.from_calibration((0, 0), (400, 600), 0.1, deg, flip)
+        w, h = field_of_view_um(frame)
+        assert (w, h) == pytest.approx((40, 60) if deg % 180 else (60, 40))
+    square = PixelToStage.from_calibration((0, 0), (512, 512), 0.15, 30.0)
+    w, h = field_of_view_um(square)
+    assert w == pytest.approx(76.8 / (np.cos(np.radians(30)) + np.sin(np.radians(30))))
+    assert square.footprint().contains(shapely.box(-w / 2, -h / 2, w / 2, h / 2).buffer(-1e-9))
+
+
+def test_a_cfg_with_only_a_pixel_size_is_planned_from_the_pixel_size(core, tmp_path) -> None:
+    from model.segmenter import Segmenter
+    from model.unet import build_unet
+    from scanner.acquisition import StageLimits
+    from scanner.plan import ChipOutline
+    from scanner.scan import Scan
+    from scanner.scan_config import ScanConfig
+
+    # what a .cfg with PixelSize_um but no PixelSizeAffine gives: the identity affine
+    core.setPixelSizeAffine(core.getCurrentPixelSizeConfig(), [1.0, 0, 0, 0, 1.0, 0])
+    cfg = ScanConfig(chip=ChipOutline(corners_um=((0, 0), (300, 300))))
+    scan = Scan(
+        core,
+        cfg,
+        tmp_path / "s",
+        segmenter=Segmenter(build_unet("tiny")),
+        limits=StageLimits((-1e4, 1e4), (-1e4, 1e4), 2000),
+    )
+    fields, _, frame = scan.plan()
+    assert frame.pixel_size_um == pytest.approx(0.15)
+    assert len(fields) == 25  # 77 µm fields at 10 % overlap over 300 µm, not 512 µm ones
