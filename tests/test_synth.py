@@ -104,3 +104,24 @@ def test_cli_synth_and_check(tmp_path) -> None:
     bad.write_text("camera: {exposure_ms: 0}\n")
     failed = runner.invoke(app, ["check", str(bad)])
     assert failed.exit_code == 2 and "camera.exposure_ms" in failed.output
+
+
+def test_tiles_seek_out_residue_and_debris_as_well_as_flakes(tmp_path) -> None:
+    from drivers.simulated.optics import RESIDUE_CODE
+    from drivers.simulated.rig import simulated_rig
+    from drivers.simulated.synth import randomised_chip
+
+    out = write_synthetic_dataset(
+        small_rig_config(), tmp_path / "s", count=40, seed=5, tiles_per_chip=40
+    )
+    recipes = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    targets = {r["target"] for r in recipes}
+    assert {"flake", "debris", "residue"} <= targets
+    # a residue tile is centred near residue on its chip
+    r = next(r for r in recipes if r["target"] == "residue")
+    cfg = randomised_chip(small_rig_config(), np.random.default_rng(0), r["chip_seed"])
+    with simulated_rig(cfg) as core:
+        film = [p.polygon for p in core.simulation.world.pieces if p.code == RESIDUE_CODE]
+    import shapely
+
+    assert min(shapely.Point(r["x_um"], r["y_um"]).distance(p) for p in film) < 40

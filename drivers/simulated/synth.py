@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..unicore import closing_core
 from .config import SimulatedRigConfig
+from .optics import RESIDUE_CODE
 from .rig import create_simulated_core
 
 log = structlog.get_logger("flakescan.synth")
@@ -199,15 +200,20 @@ def _tiles(
     world = core.simulation.world
     thin = list(world.flakes)
     thick = [p for p in world.pieces if p.layers >= 3]
+    # Tape residue is a smooth film a little like a monolayer; unless tiles seek it out the
+    # model hardly sees it and calls it monolayer (most false flakes of a simulated scan).
+    residue = [p for p in world.pieces if p.code == RESIDUE_CODE]
     px = core.getPixelSizeUm()
     h, w = cfg.camera.sensor_shape
     fov = np.array([w, h]) * px
     for i in range(n):
         roll = rng.random()
-        if thin and roll < 0.8:
+        if thin and roll < 0.7:
             target, c = "flake", thin[rng.integers(len(thin))].polygon.centroid
-        elif thick and roll < 0.9:
+        elif thick and roll < 0.82:
             target, c = "debris", thick[rng.integers(len(thick))].polygon.centroid
+        elif residue and roll < 0.92:
+            target, c = "residue", residue[rng.integers(len(residue))].polygon.centroid
         else:
             target, c = "random", None
         if c is None:
