@@ -34,7 +34,7 @@ from model.data import load_dataset  # noqa: E402
 
 #: the fine-tuning recipe documented in docs/model_card.md
 FINETUNE_ARGS = [
-    "--epochs", "20", "--samples-per-epoch", "192", "--lr", "3e-4",
+    "--epochs", "6", "--samples-per-epoch", "192", "--lr", "3e-4",
     "--crop", "256", "--batch-size", "4", "--augment", "full", "--loss", "weighted",
     "--device", "cpu",
 ]  # fmt: skip
@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, default=24, help="training images (whole samples)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scratch", action="store_true", help="also train from random weights")
+    ap.add_argument(
+        "--init-scores", type=Path, help="scores JSON of --init on the same split (skips that run)"
+    )
     args = ap.parse_args(argv)
     if args.work.resolve().is_relative_to(REPO_ROOT):
         print("--work must be outside the repository (real images are linked there)")
@@ -84,10 +87,13 @@ def main(argv: list[str] | None = None) -> int:
 
     w = args.work
     summary: dict = {"train_images": len(train), "test_images": len(test), "seed": args.seed}
-    summary["init_eval_s"] = flakescan(
-        "evaluate", "--data", str(w / "test"), "--checkpoint", str(args.init),
-        "--json", str(w / "init.json"),
-    )  # fmt: skip
+    if args.init_scores:
+        shutil.copy(args.init_scores, w / "init.json")
+    else:
+        summary["init_eval_s"] = flakescan(
+            "evaluate", "--data", str(w / "test"), "--checkpoint", str(args.init),
+            "--json", str(w / "init.json"),
+        )  # fmt: skip
     runs = [("finetuned", ["--init", str(args.init)])]
     if args.scratch:
         runs.append(("scratch", []))
