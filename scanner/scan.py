@@ -189,13 +189,13 @@ class Scan:
                 progress.phase = "stopped"
                 self._report(progress)
                 return ScanResult(
-                    out=self.out,
-                    progress=progress,
-                    flakes=records,
-                    failed_fields=list(failed.values()),
-                    score=None,
-                    wall_s=time.perf_counter() - started,
-                    focus_points=points,
+                    self.out,
+                    progress,
+                    records,
+                    list(failed.values()),
+                    None,
+                    time.perf_counter() - started,
+                    points,
                 )
             progress.phase = "finishing"
             self._report(progress)
@@ -210,13 +210,13 @@ class Scan:
             progress.phase = "done"
             self._report(progress)
             result = ScanResult(
-                out=self.out,
-                progress=progress,
-                flakes=records,
-                failed_fields=list(failed.values()),
-                score=score,
-                wall_s=time.perf_counter() - started,
-                focus_points=points,
+                self.out,
+                progress,
+                records,
+                list(failed.values()),
+                score,
+                time.perf_counter() - started,
+                points,
             )
             write_json(self.out / "summary.json", summary(result))
             return result

@@ -72,6 +72,15 @@ def _region(x0: float, y0: float, x1: float, y1: float, **kw) -> ScanConfig:
 _FIXED = FocusConfig(strategy="none", refocus_max_edge_blur_px=None)
 
 
+#: a chip with nothing on it: no flakes, debris, residue or dust
+_BARE = {
+    "thin_flakes_per_mm2": 0,
+    "bulk_pieces_per_mm2": 0,
+    "residue_per_mm2": 0,
+    "dust_per_mm2": 0,
+}
+
+
 def _assert_no_flake_twice(records: list[dict]) -> None:
     """No two records of one class cover the same place (a bilayer in a monolayer's hole is
     two flakes, and the monolayer's polygon has the hole)."""
@@ -149,14 +158,7 @@ def test_a_scan_finds_the_monolayers_and_writes_everything(make_core, segmenter,
 def test_the_overview_places_a_tile_where_the_stage_was(make_core, segmenter, tmp_path):
     # A dark dust-free, flake-free chip edge: the overview must show the chip's corner at the
     # stage coordinates of the chip's corner.
-    cfg = _flat(
-        flakes={
-            "thin_flakes_per_mm2": 0,
-            "bulk_pieces_per_mm2": 0,
-            "residue_per_mm2": 0,
-            "dust_per_mm2": 0,
-        }
-    )
+    cfg = _flat(flakes=_BARE)
     core = make_core(cfg)
     scan_cfg = _region(-60, -60, 60, 60, focus=_FIXED, overview_um_per_px=1.0)
     _scan(core, scan_cfg, tmp_path / "s", segmenter)
@@ -208,14 +210,7 @@ def test_a_flake_on_a_four_field_corner_is_reported_once(make_core, segmenter, t
 
 
 def test_a_chip_without_flakes_gives_an_empty_map(make_core, segmenter, tmp_path):
-    cfg = _flat(
-        flakes={
-            "thin_flakes_per_mm2": 0,
-            "bulk_pieces_per_mm2": 0,
-            "residue_per_mm2": 0,
-            "dust_per_mm2": 0,
-        }
-    )
+    cfg = _flat(flakes=_BARE)
     core = make_core(cfg)
     _, result = _scan(core, _region(200, 200, 400, 400, focus=_FIXED), tmp_path / "s", segmenter)
     assert result.flakes == [] and result.failed_fields == []
@@ -381,14 +376,7 @@ def test_resuming_with_a_different_plan_is_refused(make_core, segmenter, tmp_pat
 def test_autofocus_that_finds_nothing_stops_the_scan_with_a_clear_error(
     make_core, segmenter, tmp_path
 ):
-    cfg = _flat(
-        flakes={
-            "thin_flakes_per_mm2": 0,
-            "bulk_pieces_per_mm2": 0,
-            "residue_per_mm2": 0,
-            "dust_per_mm2": 0,
-        }
-    )
+    cfg = _flat(flakes=_BARE)
     core = make_core(cfg)
     focus = FocusConfig(points=5, tries_per_point=2)
     with pytest.raises(ScanError, match="autofocus found the chip at only 0 of 5"):
