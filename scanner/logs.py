@@ -60,7 +60,9 @@ def configure_logging(level: str = "INFO", json_file: str | Path | None = None) 
         root.addHandler(h)
     root.setLevel(numeric)
     # pymmcore-plus logs every device call at DEBUG; keep it to warnings unless asked.
-    logging.getLogger("pymmcore-plus").setLevel(max(numeric, logging.WARNING))
+    mm_logger = logging.getLogger("pymmcore-plus")
+    mm_logger.setLevel(max(numeric, logging.WARNING))
+    mm_logger.addFilter(_drop_cancel_notice)
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -83,3 +85,9 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value: object) -> None:
         pass
+
+
+def _drop_cancel_notice(record: logging.LogRecord) -> bool:
+    # A stopped scan cancels the MDA on purpose; pymmcore-plus then warns with the whole
+    # plan (thousands of positions). The scan logs its own stop.
+    return not record.getMessage().startswith("MDA Canceled")

@@ -200,14 +200,14 @@ def scan(
         raise fail(str(e)) from None
     except RuntimeError as e:  # a device failed to start, or the .cfg would not load
         raise fail(str(e)) from None
-    _print_summary(result)
+    _print_summary(result, config)
 
 
 def _objective(core: CMMCorePlus) -> str:
     return core.getCurrentPixelSizeConfig() or ""
 
 
-def _print_summary(result: ScanResult) -> None:
+def _print_summary(result: ScanResult, config: Path) -> None:
     p = result.progress
     counts = {"monolayer": 0, "bilayer": 0}
     for r in result.flakes:
@@ -218,7 +218,7 @@ def _print_summary(result: ScanResult) -> None:
     table.add_row("time", f"{result.wall_s:.1f} s")
     out = result.out
     if p.phase == "stopped":
-        table.add_row("stopped", f"resume with: flakescan scan CONFIG --resume {out}")
+        table.add_row("stopped", f"resume with: flakescan scan {config} --resume {out}")
     else:
         table.add_row("flake map", str(out / "flakes.json"))
         table.add_row("overview", str(out / "overview.png"))

@@ -44,3 +44,14 @@ def test_json_lines_go_to_the_file_and_levels_filter(tmp_path, capsys) -> None:
 def test_unknown_level_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown log level"):
         configure_logging("CHATTY")
+
+
+def test_a_stopped_scan_does_not_dump_the_plan_into_the_log(tmp_path) -> None:
+    path = tmp_path / "run.jsonl"
+    configure_logging("INFO", path)
+    mm = logging.getLogger("pymmcore-plus")
+    mm.warning("MDA Canceled: stage_positions=(%s)", ", ".join(["AbsolutePosition()"] * 1000))
+    mm.warning("Device XY failed to respond")
+    lines = [json.loads(line)["event"] for line in path.read_text().splitlines()]
+    assert lines == ["Device XY failed to respond"]
+    mm.filters.clear()
