@@ -116,16 +116,17 @@ def write_flake_map(
     for record in doc["flakes"]:
         if patches and record["id"] in patches:
             record["patch"] = patches[record["id"]]
-    _replace_atomically(Path(path), doc)
+    replace_atomically(Path(path), dump_flake_map(doc))
     return doc
 
 
-def _replace_atomically(path: Path, doc: dict[str, Any]) -> None:
+def replace_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text`: a reader sees the old file or the new one, never part."""
     # Temp file in the same folder: os.replace is atomic only within one file system.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            _dump(doc, out)
+            out.write(text)
             out.flush()
             os.fsync(out.fileno())
         # mkstemp makes the file owner-only; the robot may read as another user.
@@ -138,14 +139,16 @@ def _replace_atomically(path: Path, doc: dict[str, Any]) -> None:
     _fsync_folder(path.parent)
 
 
-def _dump(doc: dict[str, Any], out) -> None:
-    # One flake per line: a person can read and diff the file, and it stays compact.
+def dump_flake_map(doc: dict[str, Any]) -> str:
+    """A flake map (or truth.json) as text: one flake per line, so a person can read and
+    diff the file and it stays compact."""
     head = {k: v for k, v in doc.items() if k != "flakes"}
     text = json.dumps(head, indent=1, default=_json_default, allow_nan=False)
-    out.write(text[:-2] + ',\n "flakes": [')
+    parts = [text[:-2] + ',\n "flakes": [']
     for i, record in enumerate(doc["flakes"]):
-        out.write(("\n  " if i == 0 else ",\n  ") + json.dumps(record, allow_nan=False))
-    out.write("\n ]\n}\n")
+        parts.append(("\n  " if i == 0 else ",\n  ") + json.dumps(record, allow_nan=False))
+    parts.append("\n ]\n}\n")
+    return "".join(parts)
 
 
 def _json_default(value: Any) -> Any:

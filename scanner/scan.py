@@ -32,12 +32,15 @@ from model.segmenter import Segmenter
 
 from .acquisition import Acquisition, FieldResult, RefocusConfig, StageLimits
 from .flakemap import (
+    SCHEMA_VERSION,
     ChipFrame,
+    dump_flake_map,
     flake_records,
+    replace_atomically,
     score_against_truth,
     write_flake_map,
 )
-from .flakes import PixelToStage, TileFlake, extract_flakes, merge_flakes
+from .flakes import Flake, PixelToStage, TileFlake, extract_flakes, merge_flakes
 from .focus_map import FocusMap
 from .focus_survey import FocusSurveyError, survey_focus
 from .journal import (
@@ -102,7 +105,8 @@ class Scan:
         self._started_at = _now()
 
     # ------------------------------------------------------------------ setup
-    def _calibration(self) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    def _calibration(self) -> PixelToStage:
+        """Where a frame's pixels lie relative to the stage position (centre at the origin)."""
         core = self.core
         if core.getPixelSizeUm() <= 0:
             raise ScanError(
@@ -130,13 +134,12 @@ class Scan:
                 hint="define PixelSizeAffine in the .cfg for a rotated or mirrored camera",
             )
             to_stage = PixelToStage.from_calibration((0.0, 0.0), shape, px)
-        return shape, to_stage.matrix
+        return to_stage
 
-    def plan(self) -> tuple[list[FieldOfView], tuple[int, int], PixelToStage]:
-        shape, matrix = self._calibration()
-        frame = PixelToStage(center_um=(0.0, 0.0), shape=shape, matrix=matrix)
+    def plan(self) -> tuple[list[FieldOfView], PixelToStage]:
+        frame = self._calibration()
         fields = plan_fields(self.outline, fov_um=field_of_view_um(frame), overlap=self.cfg.overlap)
-        return fields, shape, frame
+        return fields, frame
 
     # ------------------------------------------------------------------ run
     def stop(self) -> None:
@@ -147,17 +150,17 @@ class Scan:
 
     async def run(self) -> ScanResult:
         started = time.perf_counter()
-        fields, frame_shape, frame0 = self.plan()
+        fields, frame0 = self.plan()
         if not fields:
             raise ScanError("the chip outline holds no field of view")
-        digest = plan_digest(fields, frame_shape, frame0.matrix)
+        digest = plan_digest(fields, frame0.shape, frame0.matrix)
         progress = ScanProgress(fields_total=len(fields))
         lim = self.limits
         try:  # before anything moves or is written
             check_against_limits(fields, lim.x_limits_um, lim.y_limits_um)
         except ValueError as e:
             raise ScanError(str(e)) from None
-        store, journal, state = self._open_output(fields, frame_shape, frame0, digest)
+        store, journal, state = self._open_output(fields, frame0, digest)
         self._started_at = (state.started if state else None) or self._started_at
         try:
             done = state.done() if state else set()
@@ -177,14 +180,14 @@ class Scan:
             self._report(progress)
             if todo and not self._stop_requested:
                 await self._scan_fields(
-                    todo, z_um, frame_shape, frame0, store, journal, tile_flakes, failed, progress
+                    todo, z_um, frame0, store, journal, tile_flakes, failed, progress
                 )
             remaining = progress.fields_total - progress.fields_done - progress.fields_failed
             if self._stop_requested and remaining > 0:
                 # What is done is in the journal and the store; the map shows it, and
                 # `--resume` finishes the rest. No overview or crops for a partial chip.
                 records = await asyncio.to_thread(
-                    self._write_map, tile_flakes, frame0.pixel_size_um, None
+                    self._merge_and_write, tile_flakes, frame0.pixel_size_um
                 )
                 progress.phase = "stopped"
                 self._report(progress)
@@ -226,12 +229,10 @@ class Scan:
     def _open_output(
         self,
         fields: Sequence[FieldOfView],
-        frame_shape: tuple[int, int],
         frame0: PixelToStage,
         digest: str,
     ) -> tuple[ScanStore, Journal, Any]:
         out = self.out
-        tiles_per_field = len(cut_into_tiles(np.zeros(frame_shape, np.uint8), TILE))
         if self.resume:
             state = read_journal(out / JOURNAL_NAME)
             if state.plan_digest != digest:
@@ -243,7 +244,7 @@ class Scan:
                 store = ScanStore.open(out / "scan.zarr")
             else:  # killed before the store was made: nothing was scanned yet
                 shutil.rmtree(out / "scan.zarr", ignore_errors=True)
-                store = self._create_store(fields, frame0, tiles_per_field, digest)
+                store = self._create_store(fields, frame0, digest)
             journal = Journal(out / JOURNAL_NAME)
             journal.write("resumed", at=_now())
             return store, journal, state
@@ -264,14 +265,13 @@ class Scan:
             started=self._started_at,
             config=self.cfg.model_dump(mode="json"),
         )
-        store = self._create_store(fields, frame0, tiles_per_field, digest)
+        store = self._create_store(fields, frame0, digest)
         return store, journal, None
 
     def _create_store(
         self,
         fields: Sequence[FieldOfView],
         frame0: PixelToStage,
-        tiles_per_field: int,
         digest: str,
     ) -> ScanStore:
         w, h = frame0.footprint().bounds[2:]  # the frame's half extents
@@ -281,7 +281,7 @@ class Scan:
         return ScanStore.create(
             self.out / "scan.zarr",
             n_fields=len(fields),
-            tiles_per_field=tiles_per_field,
+            tiles_per_field=len(cut_into_tiles(np.zeros(frame0.shape, np.uint8), TILE)),
             tile_shape=(TILE, TILE),
             mosaic=MosaicGrid.covering(bounds, self.cfg.overview_um_per_px),
             attrs={
@@ -338,7 +338,6 @@ class Scan:
         self,
         todo: list[FieldOfView],
         z_um: Callable[[float, float], float] | None,
-        frame_shape: tuple[int, int],
         frame0: PixelToStage,
         store: ScanStore,
         journal: Journal,
@@ -392,7 +391,7 @@ class Scan:
                 if first is None:
                     break
                 batch = [first]
-                while _tile_count(batch, frame_shape) < batch_size:
+                while sum(r.ok for r in batch) * store.tiles_per_field < batch_size:
                     try:
                         more = fields_q.get_nowait()
                     except asyncio.QueueEmpty:
@@ -431,7 +430,7 @@ class Scan:
                     # chip's pieces takes a second and must not hold up the recording.
                     last_map[0] = time.monotonic()
                     map_job[0] = loop.run_in_executor(
-                        map_pool, self._write_map, list(tile_flakes), frame0.pixel_size_um, None
+                        map_pool, self._merge_and_write, list(tile_flakes), frame0.pixel_size_um
                     )
             if map_job[0] is not None:
                 await map_job[0]
@@ -554,7 +553,7 @@ class Scan:
     def _scan_meta(self, pixel_size_um: float) -> dict[str, Any]:
         ring = list(self.outline.shape().exterior.coords)
         return {
-            "started": self._started,
+            "started": self._started_at,
             "chip_outline_stage_um": [[round(x, 3), round(y, 3)] for x, y in ring],
             "pixel_size_um": pixel_size_um,
             "objective": self.rig_info.get("objective", ""),
@@ -562,17 +561,16 @@ class Scan:
             "rig": self.rig_info.get("rig", ""),
         }
 
-    @property
-    def _started(self) -> str:
-        return self._started_at
+    def _merge_and_write(self, tile_flakes: list[TileFlake], pixel_size_um: float) -> list[dict]:
+        """flakes.json of what is done so far (during the scan, or when it stops)."""
+        return self._write_map(merge_flakes(tile_flakes), pixel_size_um, None)
 
     def _write_map(
         self,
-        tile_flakes: list[TileFlake],
+        flakes: Sequence[Flake],
         pixel_size_um: float,
         patches: dict[int, str] | None,
     ) -> list[dict[str, Any]]:
-        flakes = merge_flakes(tile_flakes)
         doc = write_flake_map(
             self.out / "flakes.json",
             flakes,
@@ -587,20 +585,20 @@ class Scan:
         self, store: ScanStore, tile_flakes: list[TileFlake], pixel_size_um: float
     ) -> list[dict[str, Any]]:
         store.finish_overview()
-        records = flake_records(merge_flakes(tile_flakes), self.frame)
-        patches = write_flake_crops(store, records, self.out / "flakes", self.out)
-        records = self._write_map(tile_flakes, pixel_size_um, patches)
+        flakes = merge_flakes(tile_flakes)
+        # the crops are named by flake id, which the map's record order assigns
+        ids = flake_records(flakes, self.frame)
+        patches = write_flake_crops(store, ids, self.out / "flakes", self.out)
+        records = self._write_map(flakes, pixel_size_um, patches)
         write_overview_png(store, records, self.out / "overview.png")
         if self.truth is not None:
-            write_json(
-                self.out / "truth.json",
-                {
-                    "schema_version": "1.0",
-                    "scan": {**self._scan_meta(pixel_size_um), "truth": "simulated world"},
-                    "frames": self.frame.model_dump(mode="json"),
-                    "flakes": self.truth,
-                },
-            )
+            truth = {
+                "schema_version": SCHEMA_VERSION,
+                "scan": {**self._scan_meta(pixel_size_um), "truth": "simulated world"},
+                "frames": self.frame.model_dump(mode="json"),
+                "flakes": self.truth,
+            }
+            replace_atomically(self.out / "truth.json", dump_flake_map(truth))
         return records
 
     # ------------------------------------------------------------------ progress
@@ -624,11 +622,6 @@ def _tile_map(frame_map: PixelToStage, r0: int, c0: int) -> PixelToStage:
         shape=(TILE, TILE),
         matrix=frame_map.matrix,
     )
-
-
-def _tile_count(batch: list[FieldResult], frame_shape: tuple[int, int]) -> int:
-    per = math.ceil(frame_shape[0] / TILE) * math.ceil(frame_shape[1] / TILE)
-    return sum(per for r in batch if r.ok)
 
 
 def _failed_record(result: FieldResult) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .flakemap import ScanScore
+from .flakemap import ScanScore, replace_atomically
 
 
 @dataclass
@@ -35,9 +35,7 @@ class ScanResult:
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    replace_atomically(path, json.dumps(doc, indent=1) + "\n")
 
 
 def summary(result: ScanResult) -> dict[str, Any]:

@@ -227,6 +227,6 @@ def test_a_cfg_with_only_a_pixel_size_is_planned_from_the_pixel_size(core, tmp_p
         segmenter=Segmenter(build_unet("tiny")),
         limits=StageLimits((-1e4, 1e4), (-1e4, 1e4), 2000),
     )
-    fields, _, frame = scan.plan()
+    fields, frame = scan.plan()
     assert frame.pixel_size_um == pytest.approx(0.15)
     assert len(fields) == 25  # 77 µm fields at 10 % overlap over 300 µm, not 512 µm ones
