@@ -244,7 +244,9 @@ class SafeMDAEngine(MDAEngine):
         if blur is None or blur <= rc.max_edge_blur_px:
             return z, frame, None
         core = self.mmcore
-        with _blame("focus drive error", core, core.getFocusDevice()):
+        focus = core.getFocusDevice()
+        found = None
+        with _blame("focus drive error", core, focus):
             try:
                 found = autofocus(
                     core,
@@ -258,26 +260,23 @@ class SafeMDAEngine(MDAEngine):
                     min_contrast=0.1,
                 )
             except AutofocusError as e:
-                # The planned frame stands: blurred is better than none. The drive goes back
-                # to where it was taken; the sweep left it at its far end.
                 log.warning("field.refocus_failed", field=name, edge_blur_px=blur, error=str(e))
-                core.setZPosition(z)
-                core.waitForDevice(core.getFocusDevice())
-                return z, frame, None
-        with _blame("camera error", core, None):
-            core.snapImage()
-            sharper = np.array(core.getImage(), copy=True)
-        after = edge_blur_px(sharper)
-        if after is None or after >= blur:
-            # The sweep chased something else (light spilled in from a flake next door): the
-            # planned frame stands, and the drive goes back to where it was taken.
+        if found is not None:
+            with _blame("camera error", core, None):
+                core.snapImage()
+                sharper = np.array(core.getImage(), copy=True)
+            after = edge_blur_px(sharper)
+            if after is not None and after < blur:
+                log.debug("field.refocused", field=name, planned_z_um=z, z_um=found.z_um, blur=blur)
+                return found.z_um, sharper, z
+            # The sweep chased something else (light spilled in from a flake next door).
             log.debug("field.refocus_no_better", field=name, edge_blur_px=blur, after=after)
-            with _blame("focus drive error", core, core.getFocusDevice()):
-                core.setZPosition(z)
-                core.waitForDevice(core.getFocusDevice())
-            return z, frame, None
-        log.debug("field.refocused", field=name, planned_z_um=z, z_um=found.z_um, blur=blur)
-        return found.z_um, sharper, z
+        # The planned frame stands (blurred beats none); the drive goes back to where it was
+        # taken, since the sweep left it at its far end.
+        with _blame("focus drive error", core, focus):
+            core.setZPosition(z)
+            core.waitForDevice(focus)
+        return z, frame, None
 
     def _identity(self, event: MDAEvent) -> tuple[int, str, float, float]:
         p = int(event.index.get("p", 0))
