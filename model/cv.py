@@ -45,7 +45,11 @@ def _metric(scores: Scores, metric: str) -> float:
 
 
 def subset_by_sample(dataset: Dataset, n_images: int, seed: int = 0) -> list[int]:
-    """About `n_images` image indices, whole samples at a time, chosen by `seed`."""
+    """At least `n_images` image indices (or all), whole samples at a time, chosen by `seed`.
+
+    Never cuts a sample: its images are views of one flake, and a split sample would put the
+    same flake on both sides of a cross-validation fold.
+    """
     by_sample: dict[str, list[int]] = {}
     for i, s in enumerate(dataset.samples):
         by_sample.setdefault(s.sample_id, []).append(i)
@@ -55,7 +59,7 @@ def subset_by_sample(dataset: Dataset, n_images: int, seed: int = 0) -> list[int
         if len(chosen) >= n_images:
             break
         chosen += by_sample[ids[j]]
-    return sorted(chosen[: max(n_images, 0)] if len(chosen) > n_images else chosen)
+    return sorted(chosen)
 
 
 def cross_validate(

@@ -71,6 +71,10 @@ def test_subset_takes_whole_samples(folder) -> None:
     ids = [ds.samples[i].sample_id for i in chosen]
     assert len(chosen) == 4
     assert all(ids.count(i) == 2 for i in set(ids))
+    # an odd count rounds up to whole samples rather than cutting one in two
+    odd = subset_by_sample(ds, 3, seed=1)
+    odd_ids = [ds.samples[i].sample_id for i in odd]
+    assert len(odd) == 4 and all(odd_ids.count(i) == 2 for i in set(odd_ids))
 
 
 def test_cross_validation_scores_every_fold(folder) -> None:
