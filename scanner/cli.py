@@ -43,6 +43,14 @@ def synth(
     tiles_per_chip: Annotated[
         int, typer.Option(min=1, help="Tiles taken on each randomised chip before a new one.")
     ] = 8,
+    rig_look: Annotated[
+        bool,
+        typer.Option(
+            "--rig-look",
+            help="Keep the config's own lamp, optics and camera on every chip instead of "
+            "randomising them: tiles that look like a scan of that rig.",
+        ),
+    ] = False,
 ) -> None:
     """Write a synthetic dataset folder (images/, masks/, dataset.yaml) from the simulated rig."""
     from drivers.configfile import ConfigError
@@ -71,8 +79,10 @@ def synth(
             seed,
             tiles_per_chip=tiles_per_chip,
             progress=lambda n: bar.advance(task, n),
+            randomise=not rig_look,
         )
-    console.print(f"wrote {count} tiles to [bold]{out}[/]")
+    look = " in the rig's own look" if rig_look else ""
+    console.print(f"wrote {count} tiles{look} to [bold]{out}[/]")
 
 
 @app.command()

@@ -125,3 +125,24 @@ def test_tiles_seek_out_residue_and_debris_as_well_as_flakes(tmp_path) -> None:
     import shapely
 
     assert min(shapely.Point(r["x_um"], r["y_um"]).distance(p) for p in film) < 40
+
+
+def test_cli_synth_rig_look_keeps_the_configs_lamp_and_camera(tmp_path) -> None:
+    from drivers.simulated.config import load_simulated_config
+
+    base = load_simulated_config("configs/simulated.yaml")
+    runner = CliRunner()
+    sets = {}
+    for flag in ([], ["--rig-look"]):
+        out = tmp_path / ("rig" if flag else "rand")
+        args = ["synth", "--config", "configs/simulated.yaml", "--out", str(out), "--count", "4"]
+        result = runner.invoke(app, [*args, "--tiles-per-chip", "2", *flag])
+        assert result.exit_code == 0, result.output
+        lines = (out / "metadata.jsonl").read_text().splitlines()
+        sets[bool(flag)] = [json.loads(line) for line in lines]
+    assert "rig's own look" in result.output
+    for r in sets[True]:
+        assert r["lamp_kelvin"] == pytest.approx(base.optics.lamp_kelvin, abs=0.1)
+        assert r["gamma"] == pytest.approx(base.optics.gamma, abs=1e-3)
+        assert r["exposure_ms"] == pytest.approx(base.camera.exposure_ms, abs=0.01)
+    assert any(abs(r["lamp_kelvin"] - base.optics.lamp_kelvin) > 1 for r in sets[False])
