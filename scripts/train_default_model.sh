@@ -3,7 +3,9 @@
 #
 #   scripts/train_default_model.sh [WORKDIR]      # default WORKDIR: /tmp/flakescan-default-model
 #
-# Writes WORKDIR/synth-train (randomised synthetic tiles), WORKDIR/default.pt and timing in
+# Writes WORKDIR/synth-train (tiles with a randomised look per chip), WORKDIR/synth-rig (tiles in
+# the simulated rig's own look, with its residue and terraces, so the default model also reads
+# the scans `flakescan scan configs/simulated*.yaml` takes), WORKDIR/default.pt and timing in
 # WORKDIR/train.log. Seeded: the same flakescan version gives the same tiles, and on the same
 # torch build and CPU the same weights. See docs/model_card.md for the measured time and scores.
 # Copy WORKDIR/default.pt to model/weights/default.pt to ship it.
@@ -12,14 +14,17 @@ cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/flakescan-default-model}
 FLAKESCAN=${FLAKESCAN:-flakescan}
 TILES=${TILES:-1600}
-EPOCHS=${EPOCHS:-36}
+RIG_TILES=${RIG_TILES:-800}
+EPOCHS=${EPOCHS:-60}
 SAMPLES=${SAMPLES:-384}
 mkdir -p "$WORK"
 start=$(date +%s)
 "$FLAKESCAN" synth --config configs/simulated.yaml --out "$WORK/synth-train" \
     --count "$TILES" --seed 2026
+"$FLAKESCAN" synth --config configs/simulated.yaml --out "$WORK/synth-rig" \
+    --count "$RIG_TILES" --seed 2027 --rig-look
 echo "synth: $(( $(date +%s) - start )) s" | tee "$WORK/train.log"
-"$FLAKESCAN" train --data "$WORK/synth-train" --out "$WORK/default.pt" \
+"$FLAKESCAN" train --data "$WORK/synth-train" --data "$WORK/synth-rig" --out "$WORK/default.pt" \
     --recipe cpu --preset small --crop 256 --batch-size 4 --lr 1e-3 \
     --epochs "$EPOCHS" --samples-per-epoch "$SAMPLES" \
     --loss weighted --augment full --seed 0 --device cpu
