@@ -2,7 +2,8 @@
 
 The paper (Saito et al.) crops, flips and rotates, then converts to grayscale or adjusts the
 contrast; Table 1 compares those colour sets. flakescan adds colour cast, brightness, blur
-and noise, because micrographs from another microscope differ in exactly those. A set is
+and noise, because micrographs from another microscope differ in exactly those (`full`, or
+`look` without the contrast stretch). A set is
 chosen by name so each Table 1 row can be reproduced.
 """
 
@@ -22,6 +23,11 @@ AUGMENT_SETS: dict[str, tuple[Photometric, ...]] = {
     "contrast": ("contrast",),
     "grayscale+contrast": ("grayscale", "contrast"),
     "full": ("contrast", "color", "brightness", "blur", "noise"),
+    # Everything but the contrast stretch. Layer count shows as optical contrast, the ratio
+    # flake / substrate per channel: gains (cast, brightness) keep it, while a stretch of
+    # 0.6-1.8 turns a monolayer's contrast into a bilayer's. For synthetic tiles whose look is
+    # already randomised in the optics, this keeps the layer signal intact.
+    "look": ("color", "brightness", "blur", "noise"),
 }
 
 

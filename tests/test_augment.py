@@ -56,3 +56,24 @@ def test_grayscale_makes_channels_equal() -> None:
     img = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
     g = grayscale(img, np.random.default_rng(0))
     assert np.allclose(g[..., 0], g[..., 1]) and np.allclose(g[..., 1], g[..., 2])
+
+
+def test_look_set_keeps_the_optical_contrast_of_a_flake() -> None:
+    """Gains keep flake / substrate per channel; `full`'s contrast stretch does not."""
+    image = np.full((64, 64, 3), (120, 100, 160), np.uint8)
+    image[16:48, 16:48] = (108, 95, 150)  # a flake ~10 % darker in red than its substrate
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 1
+
+    def red_contrast(photometric: tuple, seed: int) -> float:
+        aug = Augmenter(crop=64, photometric=photometric, p=1.0, rng=np.random.default_rng(seed))
+        out, m = aug(image, mask)
+        # no blur or noise here: they smear edges and add spread but keep the means
+        return float(out[m == 1, 0].mean() / out[m == 0, 0].mean() - 1)
+
+    truth = 108 / 120 - 1
+    for seed in range(5):
+        assert red_contrast(("color", "brightness"), seed) == pytest.approx(truth, abs=1e-3)
+    stretched = [red_contrast(("contrast",), seed) for seed in range(5)]
+    assert max(abs(c - truth) for c in stretched) > 0.01
+    assert augment_set("look") == ("color", "brightness", "blur", "noise")
