@@ -15,7 +15,7 @@ import copy
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,10 @@ class Segmenter:
     Works on its own inference copy of the model (batch norm folded into the convolutions), so
     later changes to ``model``'s weights are not seen; build a new Segmenter after training.
     ``scale`` maps uint8 pixels to the network's input range (the checkpoint's normalisation).
+    ``class_weights``: the weights of a class-weighted training loss, to divide back out. Such a
+    loss trains the net to output p(c | x)·w_c (normalised), which favours rare classes: right for
+    the paper's mean per-class accuracy, but a scan is mostly bare substrate and wants the plain
+    posterior, or every unsure patch of oxide becomes a monolayer.
     ``amp`` (autocast) defaults to on for CUDA — bf16 where supported, else fp16 — and is refused
     on the CPU, where it would change results for little gain.
     """
@@ -51,6 +55,7 @@ class Segmenter:
         window: int = 512,
         overlap: int = 64,
         scale: float = 1 / 255,
+        class_weights: Sequence[float] | None = None,
     ) -> None:
         config = model.config
         if batch_size < 1:
@@ -76,6 +81,14 @@ class Segmenter:
         self.window = window
         self.overlap = overlap
         self.scale = scale
+        self._class_weights: torch.Tensor | None = None
+        if class_weights is not None:
+            w = torch.as_tensor(list(class_weights), dtype=torch.float32)
+            if w.shape != (config.classes,) or not bool((w > 0).all()):
+                raise ValueError(
+                    f"class_weights must be {config.classes} positive numbers, got {list(w)}"
+                )
+            self._class_weights = w.view(1, -1, 1, 1).to(self.device)
         self.checkpoint: Checkpoint | None = None
         self.class_names: tuple[str, ...] = (
             CLASS_NAMES
@@ -95,9 +108,17 @@ class Segmenter:
                 warnings.warn(f"torch.compile unavailable ({exc}); running eagerly", stacklevel=2)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike[str], **kwargs: Any) -> Segmenter:
-        """A Segmenter for a saved model, with the checkpoint's normalisation and class names."""
+    def from_checkpoint(
+        cls, path: str | os.PathLike[str], *, plain_posterior: bool = False, **kwargs: Any
+    ) -> Segmenter:
+        """A Segmenter for a saved model, with the checkpoint's normalisation and class names.
+
+        ``plain_posterior``: divide out the class weights the checkpoint was trained with (none
+        for an unweighted loss), so probabilities and labels are the plain posterior.
+        """
         model, meta = load_checkpoint(path, device=kwargs.get("device", "cpu"))
+        if plain_posterior:
+            kwargs.setdefault("class_weights", meta.training.get("class_weights"))
         unknown = set(meta.normalisation) - {"scale"}
         if unknown:
             raise ValueError(f"{path}: normalisation {sorted(unknown)} is not supported")
@@ -178,7 +199,11 @@ class Segmenter:
         )
         with autocast:
             logits = self._forward(x)
-        return torch.softmax(logits.float(), dim=1)
+        p = torch.softmax(logits.float(), dim=1)
+        if self._class_weights is not None:
+            p = p / self._class_weights
+            p = p / p.sum(dim=1, keepdim=True)
+        return p
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._compiled is not None:

@@ -148,6 +148,14 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write scores as JSON.")] = None,
     device: Annotated[str, typer.Option()] = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 2,
+    plain_posterior: Annotated[
+        bool,
+        typer.Option(
+            "--plain-posterior",
+            help="Divide out the training loss's class weights, as `flakescan scan` does "
+            "(default: the labels as trained, the paper's way).",
+        ),
+    ] = False,
 ) -> None:
     """Score a checkpoint on a dataset folder: pixel accuracy, IoU, region accuracy, ROC/PR."""
     from model.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
@@ -161,7 +169,10 @@ def evaluate(
         console.print(f"checkpoint: the shipped default model, {checkpoint}")
     try:
         segmenter = Segmenter.from_checkpoint(
-            checkpoint, device=resolve_device(device), batch_size=batch_size
+            checkpoint,
+            device=resolve_device(device),
+            batch_size=batch_size,
+            plain_posterior=plain_posterior,
         )
     except (CheckpointError, FileNotFoundError) as e:
         raise fail(str(e)) from None

@@ -19,11 +19,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from model.segmenter import Segmenter
+
 from .acquisition import StageLimits
 from .console import console, fail
 from .plan import ChipOutline
 from .scan import Scan, ScanError, ScanProgress, ScanResult
-from .scan_config import ScanConfig
+from .scan_config import ModelConfig, ScanConfig
 from .truth import simulated_truth
 
 
@@ -61,6 +63,22 @@ def default_out(config: Path) -> Path:
     return Path("runs") / f"{config.stem}-{stamp}"
 
 
+def load_segmenter(model: ModelConfig) -> Segmenter:
+    """The scan's segmenter, as `scan.model` says (the shipped model when no checkpoint)."""
+    from model.checkpoint import DEFAULT_CHECKPOINT
+    from model.train import resolve_device
+
+    checkpoint = model.checkpoint or DEFAULT_CHECKPOINT
+    if not Path(checkpoint).is_file():
+        raise ScanError(f"no model checkpoint at {checkpoint} (scan.model.checkpoint)")
+    return Segmenter.from_checkpoint(
+        checkpoint,
+        device=resolve_device(model.device),
+        batch_size=model.batch_size,
+        plain_posterior=model.plain_posterior,
+    )
+
+
 def run_scan(
     core: CMMCorePlus,
     cfg: ScanConfig,
@@ -74,16 +92,10 @@ def run_scan(
 ) -> ScanResult:
     """Load the model and run one scan to the end (the CLI's and the benchmark's way in)."""
     from model.checkpoint import DEFAULT_CHECKPOINT
-    from model.segmenter import Segmenter
-    from model.train import resolve_device
 
     cfg = with_rig_defaults(cfg, core)
     checkpoint = cfg.model.checkpoint or DEFAULT_CHECKPOINT
-    if not Path(checkpoint).is_file():
-        raise ScanError(f"no model checkpoint at {checkpoint} (scan.model.checkpoint)")
-    segmenter = Segmenter.from_checkpoint(
-        checkpoint, device=resolve_device(cfg.model.device), batch_size=cfg.model.batch_size
-    )
+    segmenter = load_segmenter(cfg.model)
     assert cfg.chip is not None
     origin = cfg.chip_origin_um or cfg.chip.bounds[:2]
     scan = Scan(

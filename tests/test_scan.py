@@ -19,7 +19,6 @@ from conftest import small_rig_config
 from shapely.geometry import Polygon
 
 from drivers.simulated import SimulatedRigConfig
-from model.checkpoint import DEFAULT_CHECKPOINT
 from model.segmenter import Segmenter
 from scanner.acquisition import StageLimits
 from scanner.flakemap import read_flake_map
@@ -27,6 +26,7 @@ from scanner.focus import edge_blur_px
 from scanner.journal import JournalError, read_journal
 from scanner.plan import ChipOutline
 from scanner.scan import Scan, ScanError, ScanProgress
+from scanner.scan_command import load_segmenter
 from scanner.scan_config import FocusConfig, ModelConfig, ScanConfig
 from scanner.scan_store import DONE, FAILED, ScanStore
 from scanner.truth import simulated_truth
@@ -36,7 +36,7 @@ FOV_UM = 76.8
 
 @pytest.fixture(scope="module")
 def segmenter() -> Segmenter:
-    return Segmenter.from_checkpoint(DEFAULT_CHECKPOINT, batch_size=4)
+    return load_segmenter(ModelConfig())  # the shipped model, as a scan loads it
 
 
 def _limits(cfg: SimulatedRigConfig) -> StageLimits:

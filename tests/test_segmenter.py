@@ -210,3 +210,32 @@ def test_model_package_imports_no_hardware_code() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plain_posterior_divides_out_the_training_class_weights(tmp_path) -> None:
+    """Bayes: a net trained with weights w outputs p·w (normalised); dividing w back out gives
+    p. Rare classes lose the pixels they only won through their weight, and only those."""
+    model = _tiny_bn()
+    weights = [0.2, 1.0, 2.0]
+    path = tmp_path / "weighted.pt"
+    save_checkpoint(path, model, model.config, training={"class_weights": weights})
+    images = _images(2, 64, 64)
+    trained, trained_labels = Segmenter(model, window=64, overlap=16).predict(images)
+    plain, plain_labels = Segmenter.from_checkpoint(
+        path, window=64, overlap=16, plain_posterior=True
+    ).predict(images)
+    expected = trained / np.array(weights, np.float32)[None, :, None, None]
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(plain, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(plain_labels, expected.argmax(axis=1))
+    # `other` (weight 0.2) can only gain pixels, and here it does
+    assert (plain_labels == 0).sum() > (trained_labels == 0).sum()
+    assert np.all(plain_labels[trained_labels == 0] == 0)
+    # a checkpoint trained without class weights is left as it is
+    save_checkpoint(tmp_path / "plain.pt", model, model.config, training={})
+    same = Segmenter.from_checkpoint(
+        tmp_path / "plain.pt", window=64, overlap=16, plain_posterior=True
+    )
+    np.testing.assert_array_equal(same.predict(images)[0], trained)
+    with pytest.raises(ValueError, match="class_weights must be 3 positive"):
+        Segmenter(model, class_weights=[1.0, 0.0, 1.0])
