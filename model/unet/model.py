@@ -13,6 +13,8 @@ we follow the four poolings, which give the 64 → 1024 progression of the origi
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -35,8 +37,11 @@ class UNetConfig(BaseModel):
     batch_norm: bool = False
     input_contrast: bool = Field(
         False,
-        description="feed the optical contrast x / mean(x) - 1 of each image and channel "
+        description="feed the optical contrast x / ref(x) - 1 of each image and channel "
         "(×CONTRAST_GAIN) instead of the raw 0..1 pixels",
+    )
+    contrast_reference: Literal["mean", "median"] = Field(
+        "mean", description="ref(x) for input_contrast: the image's mean or median per channel"
     )
 
     @property
@@ -60,7 +65,9 @@ PRESETS: dict[str, UNetConfig] = {
     # Its input is each tile's optical contrast, which is what tells the layers apart: the
     # same for any lamp, white balance or exposure, and ~1 for a monolayer instead of a 0.03
     # difference on a 0.65 level that a net without normalisation takes epochs to amplify.
-    "small": UNetConfig(width=8, depth=4, batch_norm=False, input_contrast=True),
+    "small": UNetConfig(
+        width=8, depth=4, batch_norm=False, input_contrast=True, contrast_reference="median"
+    ),
     "tiny": UNetConfig(width=4, depth=2, batch_norm=False),
 }
 
@@ -146,7 +153,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(self.config, x.shape[-2], x.shape[-1])
         if self.config.input_contrast:
-            x = optical_contrast(x)
+            x = optical_contrast(x, self.config.contrast_reference)
         skips = []
         for block in self.encoder:
             x = block(x)
@@ -161,14 +168,19 @@ class UNet(nn.Module):
 CONTRAST_GAIN = 10.0
 
 
-def optical_contrast(x: torch.Tensor) -> torch.Tensor:
-    """Per image and channel, x / mean(x) - 1, times CONTRAST_GAIN.
+def optical_contrast(x: torch.Tensor, reference: str = "mean") -> torch.Tensor:
+    """Per image and channel, x / ref(x) - 1, times CONTRAST_GAIN.
 
-    The mean of a tile is mostly its substrate, so this is the flake-to-substrate contrast that
-    labs read layer counts from; channel gains (lamp colour, white balance, exposure) cancel.
+    Most of a tile is substrate, so this is the flake-to-substrate contrast that labs read
+    layer counts from; channel gains (lamp colour, white balance, exposure) cancel. The median
+    stays on the substrate when a tile also holds the dark stage beyond the chip's edge or big
+    thick flakes, which drag the mean off it.
     """
-    mean = x.mean(dim=(-2, -1), keepdim=True).clamp_min(1e-3)  # a black frame stays finite
-    return (x / mean - 1) * CONTRAST_GAIN
+    if reference == "median":
+        ref = x.flatten(-2).median(dim=-1).values[..., None, None]
+    else:
+        ref = x.mean(dim=(-2, -1), keepdim=True)
+    return (x / ref.clamp_min(1e-3) - 1) * CONTRAST_GAIN  # a black frame stays finite
 
 
 def check_input_size(config: UNetConfig, height: int, width: int) -> None:
