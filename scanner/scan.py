@@ -34,6 +34,7 @@ from .acquisition import Acquisition, FieldResult, RefocusConfig, StageLimits
 from .flakemap import (
     SCHEMA_VERSION,
     ChipFrame,
+    ScanScore,
     dump_flake_map,
     flake_records,
     replace_atomically,
@@ -182,6 +183,13 @@ class Scan:
                 await self._scan_fields(
                     todo, z_um, frame0, store, journal, tile_flakes, failed, progress
                 )
+
+            def result(records: list[dict[str, Any]], score: ScanScore | None) -> ScanResult:
+                elapsed = time.perf_counter() - started
+                return ScanResult(
+                    self.out, progress, records, list(failed.values()), score, elapsed, points
+                )
+
             remaining = progress.fields_total - progress.fields_done - progress.fields_failed
             if self._stop_requested and remaining > 0:
                 # What is done is in the journal and the store; the map shows it, and
@@ -191,15 +199,7 @@ class Scan:
                 )
                 progress.phase = "stopped"
                 self._report(progress)
-                return ScanResult(
-                    self.out,
-                    progress,
-                    records,
-                    list(failed.values()),
-                    None,
-                    time.perf_counter() - started,
-                    points,
-                )
+                return result(records, None)
             progress.phase = "finishing"
             self._report(progress)
             records = await asyncio.to_thread(
@@ -212,17 +212,9 @@ class Scan:
                 write_json(self.out / "score.json", score.model_dump(mode="json"))
             progress.phase = "done"
             self._report(progress)
-            result = ScanResult(
-                self.out,
-                progress,
-                records,
-                list(failed.values()),
-                score,
-                time.perf_counter() - started,
-                points,
-            )
-            write_json(self.out / "summary.json", summary(result))
-            return result
+            finished = result(records, score)
+            write_json(self.out / "summary.json", summary(finished))
+            return finished
         finally:
             journal.close()
 

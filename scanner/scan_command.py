@@ -63,13 +63,19 @@ def default_out(config: Path) -> Path:
     return Path("runs") / f"{config.stem}-{stamp}"
 
 
+def checkpoint_path(model: ModelConfig) -> Path:
+    """The checkpoint `scan.model` names, or the shipped model when it names none."""
+    from model.checkpoint import DEFAULT_CHECKPOINT
+
+    return Path(model.checkpoint or DEFAULT_CHECKPOINT)
+
+
 def load_segmenter(model: ModelConfig) -> Segmenter:
     """The scan's segmenter, as `scan.model` says (the shipped model when no checkpoint)."""
-    from model.checkpoint import DEFAULT_CHECKPOINT
     from model.train import resolve_device
 
-    checkpoint = model.checkpoint or DEFAULT_CHECKPOINT
-    if not Path(checkpoint).is_file():
+    checkpoint = checkpoint_path(model)
+    if not checkpoint.is_file():
         raise ScanError(f"no model checkpoint at {checkpoint} (scan.model.checkpoint)")
     return Segmenter.from_checkpoint(
         checkpoint,
@@ -91,10 +97,7 @@ def run_scan(
     stop_on_sigint: bool = False,
 ) -> ScanResult:
     """Load the model and run one scan to the end (the CLI's and the benchmark's way in)."""
-    from model.checkpoint import DEFAULT_CHECKPOINT
-
     cfg = with_rig_defaults(cfg, core)
-    checkpoint = cfg.model.checkpoint or DEFAULT_CHECKPOINT
     segmenter = load_segmenter(cfg.model)
     assert cfg.chip is not None
     origin = cfg.chip_origin_um or cfg.chip.bounds[:2]
@@ -107,7 +110,7 @@ def run_scan(
         resume=resume,
         truth=simulated_truth(core, cfg.chip, origin),
         on_progress=on_progress,
-        rig_info={**(rig_info or {}), "model": str(checkpoint)},
+        rig_info={**(rig_info or {}), "model": str(checkpoint_path(cfg.model))},
     )
 
     async def main() -> ScanResult:
