@@ -219,7 +219,9 @@ def _tiles(
         if c is None:
             x, y = rng.uniform(0, cfg.chip.width_um), rng.uniform(0, cfg.chip.height_um)
         else:
-            x, y = np.array([c.x, c.y]) + rng.uniform(-0.2, 0.2, 2) * fov
+            # Anywhere up to half a field off centre: a scan sees flakes in tile corners and
+            # cut by tile edges as often as centred, and the model must know them there too.
+            x, y = np.array([c.x, c.y]) + rng.uniform(-0.5, 0.5, 2) * fov
         if rng.random() > 0.05:  # a few tiles see the chip's edge, as a scan's border fields do
             x = float(np.clip(x, fov[0] / 2, cfg.chip.width_um - fov[0] / 2))
             y = float(np.clip(y, fov[1] / 2, cfg.chip.height_um - fov[1] / 2))
