@@ -216,3 +216,20 @@ def check_focus_plan(
             f"{len(bad)} of {len(fields)} fields would need a focus Z outside "
             f"{lower_z_um:g}..{safe_z_um:g} µm (safe Z {safe_z_um:g} µm): {listed}{more}"
         )
+
+
+def flat_field_fields(
+    fields: Sequence[FieldOfView], chip: Polygon, fov_um: tuple[float, float], n: int
+) -> list[FieldOfView]:
+    """Up to `n` fields spread evenly through the plan for estimating the flat field.
+
+    Fields that see only the chip come first: the dark stage beyond the chip's edge lies in
+    the same part of every border field's frame, where the per-pixel median would take it
+    for the lamp's shadow. A chip with fewer inner fields than `n` lends border fields too.
+    """
+    inner = [f for f in fields if chip.contains(f.footprint(fov_um))]
+    pool = inner if len(inner) >= min(n, len(fields)) else list(fields)
+    if len(pool) <= n:
+        return list(pool)
+    picks = np.unique(np.linspace(0, len(pool) - 1, n).round().astype(int))
+    return [pool[i] for i in picks]

@@ -42,6 +42,14 @@ from .flakemap import (
     write_flake_map,
 )
 from .flakes import Flake, PixelToStage, TileFlake, extract_flakes, merge_flakes
+from .flat_field import (
+    FlatFieldError,
+    apply_flat_field,
+    check_frame_shape,
+    estimate_flat_field,
+    read_flat_field,
+    write_flat_field,
+)
 from .focus_map import FocusMap
 from .focus_survey import FocusSurveyError, survey_focus
 from .journal import (
@@ -54,7 +62,14 @@ from .journal import (
     tile_flake_to_json,
 )
 from .pictures import write_flake_crops, write_overview_png
-from .plan import FieldOfView, check_against_limits, check_focus_plan, cut_into_tiles, plan_fields
+from .plan import (
+    FieldOfView,
+    check_against_limits,
+    check_focus_plan,
+    cut_into_tiles,
+    flat_field_fields,
+    plan_fields,
+)
 from .scan_config import ScanConfig
 from .scan_result import ScanProgress, ScanResult, summary, write_json
 from .scan_store import MosaicGrid, ScanStore
@@ -62,6 +77,7 @@ from .scan_store import MosaicGrid, ScanStore
 log = structlog.get_logger("flakescan.scan")
 
 TILE = 512
+FLAT_FIELD_NAME = "flat_field.tif"
 #: a band along the chip's edge where nothing counts as a flake (chipped, dirty, dark beyond)
 _CHIP_EDGE_UM = 2.0
 
@@ -102,6 +118,8 @@ class Scan:
             rotation_deg=cfg.chip_rotation_deg,
         )
         self._acquisition: Acquisition | None = None
+        #: the flat-field gain frames are divided by for the model and the overview
+        self._gain: np.ndarray | None = None
         self._stop_requested = False
         self._started_at = _now()
 
@@ -177,6 +195,8 @@ class Scan:
                 self._focus, journal, state.focus_points if state else None, frame0, fields
             )
             todo = [f for f in fields if f.index not in done]
+            if todo and not self._stop_requested:
+                self._gain = await self._flat_field(fields, z_um, frame0, journal)
             progress.phase = "scanning"
             self._report(progress)
             if todo and not self._stop_requested:
@@ -325,6 +345,70 @@ class Scan:
         )
         return surface.z_at, found
 
+    # ------------------------------------------------------------------ flat field
+    async def _flat_field(
+        self,
+        fields: Sequence[FieldOfView],
+        z_um: Callable[[float, float], float] | None,
+        frame0: PixelToStage,
+        journal: Journal,
+    ) -> np.ndarray | None:
+        """The gain every frame is divided by before the model, or None (scan.flat_field)."""
+        fc = self.cfg.flat_field
+        if fc.source == "none":
+            return None
+        frame_shape, fov_um = frame0.shape, field_of_view_um(frame0)
+        path = self.out / FLAT_FIELD_NAME
+        try:
+            if isinstance(fc.source, Path):
+                gain = read_flat_field(fc.source)
+                check_frame_shape(gain, frame_shape)
+                used = str(fc.source)
+            elif self.resume and path.is_file():  # every tile of one chip corrected alike
+                return read_flat_field(path)
+            else:
+                frames = await self._flat_field_frames(fields, z_um, fov_um, fc.frames)
+                if self._stop_requested:  # stopped before the chip: the resume estimates it
+                    return None
+                gain = await asyncio.to_thread(estimate_flat_field, frames, fc.degree)
+                used = f"{len(frames)} frames"
+        except FlatFieldError as e:
+            raise ScanError(f"flat field (scan.flat_field): {e}") from None
+        write_flat_field(path, gain)
+        spread = {"gain_min": round(float(gain.min()), 4), "gain_max": round(float(gain.max()), 4)}
+        journal.write("flat_field", source=used, **spread)
+        log.info("scan.flat_field", source=used, **spread)
+        return gain
+
+    async def _flat_field_frames(
+        self,
+        fields: Sequence[FieldOfView],
+        z_um: Callable[[float, float], float] | None,
+        fov_um: tuple[float, float],
+        n: int,
+    ) -> list[np.ndarray]:
+        """Frames at `n` fields spread over the chip, through the scan's own safe engine."""
+        acq = Acquisition(
+            self.core,
+            flat_field_fields(fields, self.outline.shape(), fov_um, n),
+            z_um=z_um,
+            config=self.cfg.acquisition,
+            queue_size=n,
+            limits=self.limits,
+        )
+        self._acquisition = acq
+        if self._stop_requested:
+            acq.cancel()
+        try:
+            frames = [r.frame async for r in acq.results() if r.ok and r.frame is not None]
+        finally:
+            self._acquisition = None
+        if not frames and not self._stop_requested:
+            raise FlatFieldError(
+                f"every one of {len(acq.fields)} flat-field frames failed (see the log)"
+            )
+        return frames
+
     # ------------------------------------------------------------------ the pipeline
     async def _scan_fields(
         self,
@@ -392,20 +476,28 @@ class Scan:
                         ending = True
                         break
                     batch.append(more)
-                tiles = [t for r in batch if r.ok for _, _, t in cut_into_tiles(r.frame, TILE)]
+                frames = [r.frame for r in batch if r.ok]
                 probs = labels = None
-                if tiles:
-                    probs, labels = await loop.run_in_executor(
-                        infer_pool, self.segmenter.predict, np.stack(tiles)
+                if frames:
+                    frames, probs, labels = await loop.run_in_executor(
+                        infer_pool, self._segment, frames
                     )
-                await post_q.put((batch, probs, labels))
+                await post_q.put((batch, frames, probs, labels))
             await post_q.put(None)
 
         async def record() -> None:
             while (item := await post_q.get()) is not None:
-                batch, probs, labels = item
+                batch, seen, probs, labels = item
                 found = await loop.run_in_executor(
-                    post_pool, self._record_batch, batch, probs, labels, frame0, store, journal
+                    post_pool,
+                    self._record_batch,
+                    batch,
+                    seen,
+                    probs,
+                    labels,
+                    frame0,
+                    store,
+                    journal,
                 )
                 for result, pieces in zip(batch, found, strict=True):
                     if result.ok:
@@ -444,23 +536,37 @@ class Scan:
                 await asyncio.to_thread(pool.shutdown, wait=True)
             self._acquisition = None
 
+    def _segment(self, frames: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """The frames flat-field corrected, and the model's probabilities and labels for
+        every tile of them."""
+        if self._gain is not None:
+            frames = [apply_flat_field(f, self._gain) for f in frames]
+        tiles = [t for f in frames for _, _, t in cut_into_tiles(f, TILE)]
+        return frames, *self.segmenter.predict(np.stack(tiles))
+
     def _record_batch(
         self,
         batch: list[FieldResult],
+        seen: list[np.ndarray],
         probs: np.ndarray | None,
         labels: np.ndarray | None,
         frame0: PixelToStage,
         store: ScanStore,
         journal: Journal,
     ) -> list[list[TileFlake]]:
-        """Flakes, zarr and journal for a segmented batch (the recording thread)."""
+        """Flakes, zarr and journal for a segmented batch (the recording thread). `seen`:
+        the good fields' frames as the model saw them (flat-field corrected)."""
         found: list[list[TileFlake]] = []
         k = 0
+        seen_by_field = iter(seen)
         for n, result in enumerate(batch):
             if result.ok:
+                corrected = next(seen_by_field)
                 try:
                     found.append(
-                        self._record_field(result, probs, labels, k, frame0, store, journal)
+                        self._record_field(
+                            result, corrected, probs, labels, k, frame0, store, journal
+                        )
                     )
                     k += store.tiles_per_field
                     continue
@@ -479,6 +585,7 @@ class Scan:
     def _record_field(
         self,
         result: FieldResult,
+        corrected: np.ndarray,
         probs: np.ndarray | None,
         labels: np.ndarray | None,
         k: int,
@@ -509,7 +616,10 @@ class Scan:
             views[str(t)] = shapely.to_wkb(to_stage.footprint(), hex=True)
             written.append((tile, labels[k], to_stage))
             k += 1
-        store.write_field(result.index, written)
+        overview = None
+        if corrected is not result.frame:
+            overview = [tile for _, _, tile in cut_into_tiles(corrected, TILE)]
+        store.write_field(result.index, written, overview)
         journal.write(
             "field",
             index=result.index,
@@ -555,7 +665,12 @@ class Scan:
 
     def _merge_and_write(self, tile_flakes: list[TileFlake], pixel_size_um: float) -> list[dict]:
         """flakes.json of what is done so far (during the scan, or when it stops)."""
-        return self._write_map(merge_flakes(tile_flakes), pixel_size_um, None)
+        return self._write_map(self._merged(tile_flakes), pixel_size_um, None)
+
+    def _merged(self, tile_flakes: list[TileFlake]) -> list[Flake]:
+        """Whole flakes from the tiles' pieces, those the model is sure enough of."""
+        least = self.cfg.min_flake_confidence
+        return [f for f in merge_flakes(tile_flakes) if f.confidence >= least]
 
     def _write_map(
         self,
@@ -577,7 +692,7 @@ class Scan:
         self, store: ScanStore, tile_flakes: list[TileFlake], pixel_size_um: float
     ) -> list[dict[str, Any]]:
         store.finish_overview()
-        flakes = merge_flakes(tile_flakes)
+        flakes = self._merged(tile_flakes)
         # the crops are named by flake id, which the map's record order assigns
         ids = flake_records(flakes, self.frame)
         patches = write_flake_crops(store, ids, self.out / "flakes", self.out)
@@ -594,12 +709,12 @@ class Scan:
         return records
 
     # ------------------------------------------------------------------ progress
-    @staticmethod
-    def _count(progress: ScanProgress, tile_flakes: list[TileFlake]) -> None:
+    def _count(self, progress: ScanProgress, tile_flakes: list[TileFlake]) -> None:
         # Pieces, not merged flakes: merging on every field would cost more than the scan.
         # The count is per tile piece, so a flake across two tiles counts twice until the end.
-        progress.monolayers = sum(f.layer_class == "monolayer" for f in tile_flakes)
-        progress.bilayers = sum(f.layer_class == "bilayer" for f in tile_flakes)
+        sure = [f for f in tile_flakes if f.confidence >= self.cfg.min_flake_confidence]
+        progress.monolayers = sum(f.layer_class == "monolayer" for f in sure)
+        progress.bilayers = sum(f.layer_class == "bilayer" for f in sure)
 
     def _report(self, progress: ScanProgress) -> None:
         if self.on_progress is not None:

@@ -61,6 +61,23 @@ class ModelConfig(_Strict):
     plain_posterior: bool = False
 
 
+class FlatFieldConfig(_Strict):
+    """Flat-field correction of every frame before the model sees it (scanner/flat_field.py).
+
+    Vignetting darkens a 100× field's corners by about one monolayer's contrast: without this,
+    a monolayer in a tile corner reads as a bilayer.
+    """
+
+    #: auto: estimated from frames at fields spread over the chip, taken before the scan;
+    #: none: frames as the camera gives them; or the path of a TIFF: a frame of a bare wafer
+    #: (or a saved flat_field.tif) for this camera and ROI
+    source: Literal["auto", "none"] | Path = "auto"
+    #: frames the auto estimate takes (all fields on a chip with fewer)
+    frames: Annotated[int, Field(ge=1, le=256)] = 16
+    #: degree of the polynomial surface fitted through them
+    degree: Annotated[int, Field(ge=0, le=6)] = 4
+
+
 class ScanConfig(_Strict):
     """The `scan:` section. Lengths in stage µm unless named otherwise.
 
@@ -79,10 +96,15 @@ class ScanConfig(_Strict):
     #: in the next when it is smaller than this overlap
     overlap: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
     focus: FocusConfig = FocusConfig()
+    flat_field: FlatFieldConfig = FlatFieldConfig()
     model: ModelConfig = ModelConfig()
     acquisition: AcquisitionConfig = AcquisitionConfig()
     #: regions smaller than this are not flakes (noise, the model's speckle)
     min_flake_area_um2: Positive = 1.0
+    #: flakes whose mean class probability is below this are left out of the map. The
+    #: shipped model's real monolayers and bilayers on simulated chips score 0.73 and more;
+    #: its mistakes (thick edges, the mono/bi mix of a terraced flake) score less. 0 keeps all.
+    min_flake_confidence: Annotated[float, Field(ge=0.0, le=1.0)] = 0.65
     #: fields acquired but not yet segmented; makes the stage wait when inference falls
     #: behind. Memory holds at most about queue_size + 3 × batch_size fields' frames.
     queue_size: Annotated[int, Field(ge=1, le=1024)] = 16
@@ -107,12 +129,18 @@ def load_scan_config(path: str | Path) -> ScanConfig:
         raise ConfigError(
             f"{path}: {format_validation_error(e).replace(chr(10) + '  ', chr(10) + '  scan.')}"
         ) from None
+    # Relative paths are relative to the config file, so a config and its model (or flat
+    # field) can travel together.
+    base = Path(path).resolve().parent
     if cfg.model.checkpoint is not None and not cfg.model.checkpoint.is_absolute():
-        # Relative to the config file, so a config and its model can travel together.
-        base = Path(path).resolve().parent
         cfg = cfg.model_copy(
             update={
                 "model": cfg.model.model_copy(update={"checkpoint": base / cfg.model.checkpoint})
             }
+        )
+    source = cfg.flat_field.source
+    if isinstance(source, Path) and not source.is_absolute():
+        cfg = cfg.model_copy(
+            update={"flat_field": cfg.flat_field.model_copy(update={"source": base / source})}
         )
     return cfg

@@ -133,14 +133,19 @@ class ScanStore:
         self,
         field_index: int,
         tiles: list[tuple[np.ndarray, np.ndarray, PixelToStage]],
+        overview_tiles: list[np.ndarray] | None = None,
     ) -> None:
-        """A done field's tiles, label masks and positions, and its place in the overview."""
+        """A done field's tiles, label masks and positions, and its place in the overview.
+
+        `overview_tiles` (flat-field corrected, say) are pasted into the overview instead of
+        the stored tiles, so the mosaic shows no grid of dark field corners.
+        """
         for k, (tile, labels, to_stage) in enumerate(tiles):
             t = self.tile_index(field_index, k)
             self.tiles[t] = tile
             self.labels[t] = labels
             self.positions[t] = np.asarray(to_stage.center_um)
-            self._paste(tile, to_stage)
+            self._paste(tile if overview_tiles is None else overview_tiles[k], to_stage)
         self.field_status[field_index] = DONE
 
     def mark_failed(self, field_index: int) -> None:
