@@ -145,7 +145,9 @@ class UNet(nn.Module):
         # keeps its signal. Torch's default shrinks it ~3x a layer; without batch norm a narrow
         # net then starts with a constant output and sat at ln 3 loss for 7+ epochs.
         for m in self.modules():
-            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            # A net built on the meta device (checkpoint shape checks) has no values to draw,
+            # and torch's meta path for normal_ takes over a second on first use.
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d) and not m.weight.is_meta:
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
