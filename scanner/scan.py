@@ -18,7 +18,7 @@ import datetime as dt
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -195,14 +195,21 @@ class Scan:
                 self._focus, journal, state.focus_points if state else None, frame0, fields
             )
             todo = [f for f in fields if f.index not in done]
+            gain: Awaitable[np.ndarray | None] = _done(None)
             if todo and not self._stop_requested:
-                self._gain = await self._flat_field(fields, z_um, frame0, journal)
+                gain = await self._flat_field(fields, z_um, frame0, journal)
             progress.phase = "scanning"
             self._report(progress)
-            if todo and not self._stop_requested:
-                await self._scan_fields(
-                    todo, z_um, frame0, store, journal, tile_flakes, failed, progress
-                )
+            try:
+                if todo and not self._stop_requested:
+                    await self._scan_fields(
+                        todo, z_um, gain, frame0, store, journal, tile_flakes, failed, progress
+                    )
+            finally:
+                if isinstance(gain, asyncio.Future):
+                    await asyncio.wait([gain])  # its thread finishes before the journal closes
+                    if not gain.cancelled():
+                        gain.exception()  # raised through inference, or moot: a stop came first
 
             def result(records: list[dict[str, Any]], score: ScanScore | None) -> ScanResult:
                 elapsed = time.perf_counter() - started
@@ -352,32 +359,45 @@ class Scan:
         z_um: Callable[[float, float], float] | None,
         frame0: PixelToStage,
         journal: Journal,
-    ) -> np.ndarray | None:
-        """The gain every frame is divided by before the model, or None (scan.flat_field)."""
+    ) -> Awaitable[np.ndarray | None]:
+        """The gain every frame is divided by before the model (scan.flat_field), or None.
+
+        An estimate is returned still computing: the scan's first fields are acquired
+        meanwhile, and inference waits for it, so the stage never waits for the estimate.
+        """
         fc = self.cfg.flat_field
-        if fc.source == "none":
-            return None
-        frame_shape, fov_um = frame0.shape, field_of_view_um(frame0)
         path = self.out / FLAT_FIELD_NAME
         try:
+            if fc.source == "none":
+                return _done(None)
+            if self.resume and path.is_file():  # every tile of one chip corrected alike
+                return _done(read_flat_field(path))
             if isinstance(fc.source, Path):
                 gain = read_flat_field(fc.source)
-                check_frame_shape(gain, frame_shape)
-                used = str(fc.source)
-            elif self.resume and path.is_file():  # every tile of one chip corrected alike
-                return read_flat_field(path)
-            else:
-                frames = await self._flat_field_frames(fields, z_um, fov_um, fc.frames)
-                if self._stop_requested:  # stopped before the chip: the resume estimates it
-                    return None
-                gain = await asyncio.to_thread(estimate_flat_field, frames, fc.degree)
-                used = f"{len(frames)} frames"
+                check_frame_shape(gain, frame0.shape)
+                return _done(self._keep_flat_field(gain, str(fc.source), journal))
+            fov_um = field_of_view_um(frame0)
+            frames = await self._flat_field_frames(fields, z_um, fov_um, fc.frames)
         except FlatFieldError as e:
             raise ScanError(f"flat field (scan.flat_field): {e}") from None
-        write_flat_field(path, gain)
+        if self._stop_requested:  # stopped before the chip: the resume estimates it
+            return _done(None)
+
+        def estimate() -> np.ndarray:
+            try:
+                gain = estimate_flat_field(frames, fc.degree)
+            except FlatFieldError as e:
+                raise ScanError(f"flat field (scan.flat_field): {e}") from None
+            return self._keep_flat_field(gain, f"{len(frames)} frames", journal)
+
+        return asyncio.ensure_future(asyncio.to_thread(estimate))
+
+    def _keep_flat_field(self, gain: np.ndarray, source: str, journal: Journal) -> np.ndarray:
+        # Journalled before any field is recorded: inference, and so recording, waits for it.
+        write_flat_field(self.out / FLAT_FIELD_NAME, gain)
         spread = {"gain_min": round(float(gain.min()), 4), "gain_max": round(float(gain.max()), 4)}
-        journal.write("flat_field", source=used, **spread)
-        log.info("scan.flat_field", source=used, **spread)
+        journal.write("flat_field", source=source, **spread)
+        log.info("scan.flat_field", source=source, **spread)
         return gain
 
     async def _flat_field_frames(
@@ -414,6 +434,7 @@ class Scan:
         self,
         todo: list[FieldOfView],
         z_um: Callable[[float, float], float] | None,
+        gain: Awaitable[np.ndarray | None],
         frame0: PixelToStage,
         store: ScanStore,
         journal: Journal,
@@ -461,6 +482,7 @@ class Scan:
             await fields_q.put(None)
 
         async def infer() -> None:
+            self._gain = await gain
             ending = False
             while not ending:
                 first = await fields_q.get()
@@ -722,6 +744,12 @@ class Scan:
 
 
 # ---------------------------------------------------------------------- helpers
+def _done(value: np.ndarray | None) -> asyncio.Future[np.ndarray | None]:
+    future: asyncio.Future[np.ndarray | None] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
 def _tile_map(frame_map: PixelToStage, r0: int, c0: int) -> PixelToStage:
     centre = frame_map.pixel_to_stage(np.array(r0 + (TILE - 1) / 2), np.array(c0 + (TILE - 1) / 2))
     return PixelToStage(
