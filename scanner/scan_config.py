@@ -53,12 +53,11 @@ class ModelConfig(_Strict):
     #: auto (CUDA when present), cpu, cuda, cuda:1 ...
     device: str = "auto"
     batch_size: Annotated[int, Field(ge=1, le=256)] = 4
-    #: divide out the class weights of the model's training loss. A weighted loss tilts every
-    #: unsure pixel towards monolayer and bilayer, and a chip is mostly bare oxide: for a
-    #: contrast-input candidate model it cut simulated-small's monolayers from 833 found (8
-    #: real) to 7 (all real). The shipped default model is calibrated the other way (with it,
-    #: the demo chip's recall fell to 0), so it is off by default; see docs/model_card.md.
-    plain_posterior: bool = False
+    #: divide out the class weights of the model's training loss, so probabilities are the
+    #: model's own. A weighted loss tilts every unsure pixel towards monolayer and bilayer,
+    #: and a chip is mostly bare oxide: with a contrast-input model, simulated-small showed
+    #: 833 monolayers where 8 were real. Without a weighted loss this changes nothing.
+    plain_posterior: bool = True
 
 
 class FlatFieldConfig(_Strict):
@@ -101,9 +100,9 @@ class ScanConfig(_Strict):
     acquisition: AcquisitionConfig = AcquisitionConfig()
     #: regions smaller than this are not flakes (noise, the model's speckle)
     min_flake_area_um2: Positive = 1.0
-    #: flakes whose mean class probability is below this are left out of the map. The
-    #: shipped model's real monolayers and bilayers on simulated chips score 0.73 and more;
-    #: its mistakes (thick edges, the mono/bi mix of a terraced flake) score less. 0 keeps all.
+    #: flakes whose mean class probability is below this are left out of the map (0 keeps
+    #: all). For the shipped model, chosen on two validation chips: their true monolayers
+    #: scored 0.66 and more, its mistakes (thick edges, terraces) 0.56-0.65 (model card).
     min_flake_confidence: Annotated[float, Field(ge=0.0, le=1.0)] = 0.65
     #: fields acquired but not yet segmented; makes the stage wait when inference falls
     #: behind. Memory holds at most about queue_size + 3 × batch_size fields' frames.
