@@ -420,6 +420,21 @@ def test_a_reference_flat_field_is_used_and_a_bad_one_stops_the_scan_first(
     assert not read_journal(tmp_path / "bad" / "journal.jsonl").done()  # refused up front
 
 
+def test_a_camera_fault_in_the_flat_field_pass_loses_one_frame_not_the_scan(
+    make_core, segmenter, tmp_path
+):
+    # snaps 0..2: the first flat-field field fails all three attempts
+    cfg = _flat(faults={"camera_error": {"at": [0, 1, 2]}})
+    _, result = _scan(
+        make_core(cfg), _region(300, 300, 450, 450, focus=_FIXED), tmp_path / "s", segmenter
+    )
+    assert result.progress.fields_failed == 0
+    assert result.progress.fields_done == result.progress.fields_total
+    journal = [json.loads(x) for x in (tmp_path / "s" / "journal.jsonl").read_text().splitlines()]
+    [flat] = [x for x in journal if x["kind"] == "flat_field"]
+    assert flat["source"] == f"{result.progress.fields_total - 1} frames"
+
+
 def test_resuming_with_a_different_plan_is_refused(make_core, segmenter, tmp_path):
     cfg = _flat()
     _scan(make_core(cfg), _region(0, 0, 100, 100, focus=_FIXED), tmp_path / "s", segmenter)
