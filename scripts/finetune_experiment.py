@@ -34,7 +34,7 @@ from model.data import load_dataset  # noqa: E402
 
 #: the fine-tuning recipe documented in docs/model_card.md
 FINETUNE_ARGS = [
-    "--epochs", "6", "--samples-per-epoch", "192", "--lr", "3e-4",
+    "--epochs", "25", "--samples-per-epoch", "192", "--lr", "3e-4",
     "--crop", "256", "--batch-size", "4", "--augment", "full", "--loss", "weighted",
     "--device", "cpu",
 ]  # fmt: skip
