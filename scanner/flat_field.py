@@ -61,9 +61,7 @@ def estimate_flat_field(frames: Sequence[np.ndarray], degree: int = 4) -> np.nda
     gain = np.stack(
         [_fit_surface(grid[..., c], (h, w), degree) for c in range(grid.shape[2])], axis=-1
     )
-    gain /= gain.mean(axis=(0, 1), keepdims=True)
-    _check_gain(gain, "estimated")
-    return gain.astype(np.float32)
+    return _unit_mean(gain, "estimated").astype(np.float32)
 
 
 def apply_flat_field(frame: np.ndarray, gain: np.ndarray) -> np.ndarray:
@@ -98,9 +96,7 @@ def read_flat_field(path: str | Path) -> np.ndarray:
     gain = _as_hwc(image).astype(np.float32)
     if not np.isfinite(gain).all() or gain.min() <= 0:
         raise FlatFieldError(f"{path}: a flat field must be positive everywhere")
-    gain /= gain.mean(axis=(0, 1), keepdims=True)
-    _check_gain(gain, str(path))
-    return gain
+    return _unit_mean(gain, str(path))
 
 
 def write_flat_field(path: str | Path, gain: np.ndarray) -> None:
@@ -158,7 +154,9 @@ def _fit_surface(grid: np.ndarray, shape: tuple[int, int], degree: int) -> np.nd
     return out
 
 
-def _check_gain(gain: np.ndarray, what: str) -> None:
+def _unit_mean(gain: np.ndarray, what: str) -> np.ndarray:
+    """`gain` scaled to mean 1 per channel, refused if no lamp and objective could give it."""
+    gain = gain / gain.mean(axis=(0, 1), keepdims=True)
     lo, hi = float(gain.min()), float(gain.max())
     if lo < 0.3 or hi > 3.0 or not math.isfinite(lo + hi):
         raise FlatFieldError(
@@ -166,3 +164,4 @@ def _check_gain(gain: np.ndarray, what: str) -> None:
             "illumination varies far less: the frames hold more than bare oxide, or the lamp "
             "flickered (use more frames, scan.flat_field.source: none, or a reference TIFF)"
         )
+    return gain

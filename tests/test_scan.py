@@ -65,6 +65,11 @@ def _scan(core, scan_cfg: ScanConfig, out: Path, segmenter, **kwargs):
     return scan, asyncio.run(scan.run())
 
 
+def _journal_lines(out: Path) -> list[dict]:
+    """Every line of a scan folder's journal, as written."""
+    return [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()]
+
+
 def _region(x0: float, y0: float, x1: float, y1: float, **kw) -> ScanConfig:
     return ScanConfig(chip=ChipOutline(corners_um=((x0, y0), (x1, y1))), **kw)
 
@@ -379,7 +384,7 @@ def test_a_stopped_scan_resumes_without_losing_or_duplicating(make_core, segment
     state = read_journal(out / "journal.jsonl")
     assert state.finished and len(state.done()) == resumed.progress.fields_total
     assert resumed.progress.fields_resumed == len(done_first)
-    lines = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()]
+    lines = _journal_lines(out)
     scanned = [x["index"] for x in lines if x["kind"] == "field"]
     assert len(scanned) == len(set(scanned)), "a finished field was scanned again"
     # one flat field for the whole chip: the resume corrects its tiles as the first run did
@@ -408,7 +413,7 @@ def test_a_reference_flat_field_is_used_and_a_bad_one_stops_the_scan_first(
     write_flat_field(reference, estimated)
     region = _region(300, 300, 450, 450, focus=_FIXED, flat_field=FlatFieldConfig(source=reference))
     _scan(core, region, tmp_path / "ref", segmenter)
-    journal = [json.loads(x) for x in (tmp_path / "ref" / "journal.jsonl").read_text().splitlines()]
+    journal = _journal_lines(tmp_path / "ref")
     assert [x["source"] for x in journal if x["kind"] == "flat_field"] == [str(reference)]
 
     tifffile.imwrite(tmp_path / "small.tif", np.ones((64, 64), np.float32))
@@ -430,7 +435,7 @@ def test_a_camera_fault_in_the_flat_field_pass_loses_one_frame_not_the_scan(
     )
     assert result.progress.fields_failed == 0
     assert result.progress.fields_done == result.progress.fields_total
-    journal = [json.loads(x) for x in (tmp_path / "s" / "journal.jsonl").read_text().splitlines()]
+    journal = _journal_lines(tmp_path / "s")
     [flat] = [x for x in journal if x["kind"] == "flat_field"]
     assert flat["source"] == f"{result.progress.fields_total - 1} frames"
 
