@@ -33,16 +33,32 @@ def _load(path: Path):
         raise fail(str(e)) from None
 
 
+def _train_config(recipe: str, **overrides: object):
+    """The recipe's TrainConfig with the options given on the command line laid over it."""
+    from model.train import RECIPES, TrainConfig
+
+    if recipe not in RECIPES:
+        raise fail(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return TrainConfig.model_validate({**RECIPES[recipe].model_dump(), **given})
+    except ValueError as e:
+        raise fail(str(e)) from None
+
+
 def train(
     data: Annotated[list[Path], typer.Option(help="Dataset folder(s); repeat to combine.")],
     out: Annotated[Path, typer.Option(help="Checkpoint file to write (.pt).")],
-    recipe: Annotated[str, typer.Option(help="Defaults to start from: cpu or paper.")] = "cpu",
-    preset: Annotated[str | None, typer.Option(help="Network: paper, small or tiny.")] = None,
+    recipe: Annotated[str, typer.Option(help="Defaults to start from: cpu, lab or paper.")] = "cpu",
+    preset: Annotated[str | None, typer.Option(help="Network: paper, small, small-lab or tiny.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     samples_per_epoch: Annotated[int | None, typer.Option(min=1)] = None,
     crop: Annotated[int | None, typer.Option(min=32, help="Training crop size, px.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
+    lr_schedule: Annotated[
+        str | None, typer.Option(help="constant, or cosine (falls to zero by the last epoch).")
+    ] = None,
     loss: Annotated[str | None, typer.Option(help="ce or weighted.")] = None,
     augment: Annotated[
         str | None, typer.Option(help="none, grayscale, contrast, grayscale+contrast or full.")
@@ -57,31 +73,22 @@ def train(
     from model.data import preload
     from model.evaluate import evaluate
     from model.segmenter import Segmenter
-    from model.train import RECIPES, TrainConfig
     from model.train import train as run_training
 
-    if recipe not in RECIPES:
-        raise fail(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
-    overrides = {
-        k: v
-        for k, v in {
-            "preset": preset,
-            "epochs": epochs,
-            "samples_per_epoch": samples_per_epoch,
-            "crop": crop,
-            "batch_size": batch_size,
-            "lr": lr,
-            "loss": loss,
-            "augment": augment,
-            "seed": seed,
-            "device": device,
-        }.items()
-        if v is not None
-    }
-    try:
-        cfg = TrainConfig.model_validate({**RECIPES[recipe].model_dump(), **overrides})
-    except ValueError as e:
-        raise fail(str(e)) from None
+    cfg = _train_config(
+        recipe,
+        preset=preset,
+        epochs=epochs,
+        samples_per_epoch=samples_per_epoch,
+        crop=crop,
+        batch_size=batch_size,
+        lr=lr,
+        lr_schedule=lr_schedule,
+        loss=loss,
+        augment=augment,
+        seed=seed,
+        device=device,
+    )
     if out.exists():
         raise fail(f"{out} exists; choose a new checkpoint path (nothing is overwritten)")
     datasets = [_load(d) for d in data]
@@ -200,20 +207,14 @@ def cv(
     recipe: Annotated[str, typer.Option()] = "cpu",
     preset: Annotated[str | None, typer.Option()] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    lr_schedule: Annotated[str | None, typer.Option(help="constant or cosine.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
 ) -> None:
     """k-fold cross-validation split by sample; --table1 runs the paper's grid."""
     from model.cv import TABLE1_AUGMENTS, TABLE1_LOSSES, cross_validate
-    from model.train import RECIPES
 
-    base = RECIPES[recipe].model_copy(
-        update={
-            k: v
-            for k, v in {"preset": preset, "epochs": epochs, "seed": seed}.items()
-            if v is not None
-        }
-    )
+    base = _train_config(recipe, preset=preset, epochs=epochs, lr_schedule=lr_schedule, seed=seed)
     augments = TABLE1_AUGMENTS if table1 else tuple(augment or (base.augment,))
     losses = TABLE1_LOSSES if table1 else tuple(loss or (base.loss,))
     dataset = _load(data)

@@ -139,3 +139,29 @@ def test_model_commands(folder, tmp_path) -> None:
         app, ["evaluate", "--data", str(tmp_path / "none"), "--checkpoint", str(ckpt)]
     )
     assert bad_data.exit_code == 2
+
+
+def test_lab_recipe_trains_a_colour_aware_net_on_a_cosine_schedule(folder, tmp_path) -> None:
+    """`--recipe lab` is the recipe for a lab's own images: the checkpoint records the raw-colour
+    net and the cosine rate, and it segments at any image size like any other checkpoint."""
+    runner = CliRunner()
+    ckpt = tmp_path / "lab.pt"
+    args = ["train", "--data", str(folder), "--out", str(ckpt), "--recipe", "lab"]
+    args += ["--epochs", "1", "--samples-per-epoch", "4", "--crop", "32", "--augment", "none"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    meta = torch.load(ckpt, weights_only=True)["meta"]
+    assert meta["config"]["input_raw"] and meta["config"]["input_contrast"]
+    assert meta["training"]["config"]["lr_schedule"] == "cosine"
+    segmenter = Segmenter.from_checkpoint(ckpt, device="cpu")
+    probs, labels = segmenter.predict(np.zeros((1, 70, 90, 3), np.uint8))
+    assert probs.shape == (1, 3, 70, 90) and labels.shape == (1, 70, 90)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--recipe", "fast"], "unknown recipe 'fast'"), (["--lr-schedule", "linear"], "lr_schedule")],
+)
+def test_cv_refuses_an_unknown_recipe_or_schedule(folder, extra, message) -> None:
+    result = CliRunner().invoke(app, ["cv", "--data", str(folder), *extra])
+    assert result.exit_code == 2 and message in result.output, result.output

@@ -76,6 +76,33 @@ def test_validation_hook_and_bad_inputs() -> None:
         train(_toy_pairs(1), CFG.model_copy(update={"preset": "huge"}))
 
 
+def test_cosine_schedule_settles_the_weights_by_the_last_step() -> None:
+    """Adam moves each weight by about the learning rate, so how far the weights move per step
+    shows the schedule: cosine ends near zero, constant keeps moving as much as at the start."""
+    pairs = _toy_pairs()
+
+    def step_sizes(schedule: str) -> list[float]:
+        torch.manual_seed(0)
+        model = build_unet(PRESETS["tiny"])
+        last = [torch.cat([p.detach().flatten() for p in model.parameters()])]
+        sizes: list[float] = []
+
+        def on_step(_step: int, _loss: float) -> None:
+            now = torch.cat([p.detach().flatten() for p in model.parameters()])
+            sizes.append(float((now - last[0]).abs().max()))
+            last[0] = now
+
+        train(pairs, CFG.model_copy(update={"lr_schedule": schedule}), model=model, on_step=on_step)
+        return sizes
+
+    cosine, constant = step_sizes("cosine"), step_sizes("constant")
+    assert len(cosine) == CFG.epochs * CFG.samples_per_epoch // CFG.batch_size
+    assert cosine[-1] < 0.01 * cosine[0]
+    assert constant[-1] > 0.2 * constant[0]
+    with pytest.raises(ValueError):
+        TrainConfig(lr_schedule="linear")
+
+
 def test_paper_recipe_is_the_papers() -> None:
     paper = RECIPES["paper"]
     assert (paper.lr, paper.batch_size, paper.epochs, paper.samples_per_epoch) == (

@@ -297,6 +297,24 @@ def test_input_contrast_makes_the_net_blind_to_lamp_and_exposure() -> None:
     assert torch.isfinite(optical_contrast(torch.zeros(1, 3, 8, 8))).all()  # a black frame
 
 
+def test_input_raw_lets_the_net_see_absolute_colour_beside_contrast() -> None:
+    """A field mostly covered by one flake has the flake as its median, so contrast alone maps
+    it like bare substrate; with input_raw the net sees six planes and tells them apart."""
+    config = UNetConfig(width=4, depth=2, input_contrast=True, input_raw=True)
+    assert config.input_planes == 6
+    assert UNetConfig(width=4, depth=2, input_contrast=True).input_planes == 3
+    assert UNetConfig(width=4, depth=2, input_raw=True).input_planes == 3  # raw is the input
+    torch.manual_seed(0)
+    model = build_unet(config).eval()
+    assert model.encoder[0][0].in_channels == 6
+    substrate = torch.full((1, 3, 16, 16), 0.7)
+    flake = torch.full((1, 3, 16, 16), 0.6)  # uniform: the same zero contrast as substrate
+    with torch.no_grad():
+        blind = build_unet(UNetConfig(width=4, depth=2, input_contrast=True)).eval()
+        assert torch.allclose(blind(substrate), blind(flake), atol=1e-5)
+        assert not torch.allclose(model(substrate), model(flake), atol=1e-3)
+
+
 def test_fresh_weights_keep_the_signal_through_relu_layers() -> None:
     """He initialisation: the output of a fresh small net still varies with its input (the
     default init left a narrow net without batch norm with a near-constant output)."""

@@ -43,6 +43,16 @@ class UNetConfig(BaseModel):
     contrast_reference: Literal["mean", "median"] = Field(
         "mean", description="ref(x) for input_contrast: the image's mean or median per channel"
     )
+    input_raw: bool = Field(
+        False,
+        description="with input_contrast, also feed the raw pixels (centred) beside the "
+        "contrast: one lab's own camera and oxide make absolute colour worth learning",
+    )
+
+    @property
+    def input_planes(self) -> int:
+        """Planes the first convolution sees: contrast and raw pixels side by side, or one."""
+        return self.in_channels * (2 if self.input_contrast and self.input_raw else 1)
 
     @property
     def multiple(self) -> int:
@@ -67,6 +77,17 @@ PRESETS: dict[str, UNetConfig] = {
     # difference on a 0.65 level that a net without normalisation takes epochs to amplify.
     "small": UNetConfig(
         width=8, depth=4, batch_norm=False, input_contrast=True, contrast_reference="median"
+    ),
+    # The small net for a lab's own labelled images: their camera and oxide are fixed, so raw
+    # colour rides beside contrast and rescues fields a flake mostly covers (the median
+    # reference is then the flake). Not for the shipped model, whose colours are randomised.
+    "small-lab": UNetConfig(
+        width=8,
+        depth=4,
+        batch_norm=False,
+        input_contrast=True,
+        contrast_reference="median",
+        input_raw=True,
     ),
     "tiny": UNetConfig(width=4, depth=2, batch_norm=False),
 }
@@ -125,7 +146,7 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         ch, bn = config.channels, config.batch_norm
-        self.encoder = nn.ModuleList([DoubleConv(config.in_channels, ch[0], bn)])
+        self.encoder = nn.ModuleList([DoubleConv(config.input_planes, ch[0], bn)])
         self.encoder.extend(
             nn.Sequential(nn.MaxPool2d(2), DoubleConv(ch[i - 1], ch[i], bn))
             for i in range(1, config.depth + 1)
@@ -155,7 +176,10 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(self.config, x.shape[-2], x.shape[-1])
         if self.config.input_contrast:
-            x = optical_contrast(x, self.config.contrast_reference)
+            contrast = optical_contrast(x, self.config.contrast_reference)
+            # The median reference fails where a flake fills most of the field; the raw
+            # colour then still tells substrate from monolayer under one lab's lighting.
+            x = torch.cat([contrast, (x - 0.5) * 2], 1) if self.config.input_raw else contrast
         skips = []
         for block in self.encoder:
             x = block(x)
