@@ -50,7 +50,9 @@ def train(
     data: Annotated[list[Path], typer.Option(help="Dataset folder(s); repeat to combine.")],
     out: Annotated[Path, typer.Option(help="Checkpoint file to write (.pt).")],
     recipe: Annotated[str, typer.Option(help="Defaults to start from: cpu, lab or paper.")] = "cpu",
-    preset: Annotated[str | None, typer.Option(help="Network: paper, small, small-lab or tiny.")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Network: paper, small, small-lab or tiny.")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     samples_per_epoch: Annotated[int | None, typer.Option(min=1)] = None,
     crop: Annotated[int | None, typer.Option(min=32, help="Training crop size, px.")] = None,
