@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .console import console, fail
+
+if TYPE_CHECKING:  # torch loads only when a model command runs
+    from model.train import TrainConfig
 
 
 def _progress() -> Progress:
@@ -33,7 +36,7 @@ def _load(path: Path):
         raise fail(str(e)) from None
 
 
-def _train_config(recipe: str, **overrides: object):
+def _train_config(recipe: str, **overrides: object) -> TrainConfig:
     """The recipe's TrainConfig with the options given on the command line laid over it."""
     from model.train import RECIPES, TrainConfig
 
