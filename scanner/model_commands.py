@@ -79,6 +79,7 @@ def train(
     from model.evaluate import evaluate
     from model.segmenter import Segmenter
     from model.train import train as run_training
+    from model.unet import PRESETS
 
     cfg = _train_config(
         recipe,
@@ -104,6 +105,14 @@ def train(
             model, _ = load_checkpoint(init)
         except CheckpointError as e:
             raise fail(str(e)) from None
+        # Fine-tuning keeps the checkpoint's net, whatever the recipe's preset; say which.
+        net = next((name for name, c in PRESETS.items() if c == model.config), "from --init")
+        if preset is not None and preset != net:
+            raise fail(
+                f"--preset {preset} does not match the net in {init} ({net}); fine-tuning keeps "
+                "that net, so leave --preset out"
+            )
+        cfg = cfg.model_copy(update={"preset": net})
     val_set = _load(val) if val else None
 
     def validate(m):

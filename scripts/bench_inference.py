@@ -1,6 +1,7 @@
 """Inference speed of the U-Net presets on 512×512 tiles: CPU always, CUDA where there is one.
 
-    python scripts/bench_inference.py [--presets paper small tiny] [--compile] [--seconds 3]
+    python scripts/bench_inference.py [--presets paper small small-lab tiny] [--compile]
+        [--seconds 3]
 
 Per preset: GFLOP per tile (2 × conv multiply-adds), then tiles/s for ``Segmenter.predict`` on
 uint8 tiles (what the scanner gets: upload, forward, softmax, argmax, copy back) and for the
@@ -111,7 +112,10 @@ def bench(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--presets", nargs="+", default=["paper", "small", "tiny"], choices=sorted(PRESETS)
+        "--presets",
+        nargs="+",
+        default=["paper", "small", "small-lab", "tiny"],
+        choices=sorted(PRESETS),
     )
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     parser.add_argument("--cpu-batch-sizes", type=int, nargs="+", default=[1, 8])

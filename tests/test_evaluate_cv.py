@@ -156,6 +156,20 @@ def test_lab_recipe_trains_a_colour_aware_net_on_a_cosine_schedule(folder, tmp_p
     segmenter = Segmenter.from_checkpoint(ckpt, device="cpu")
     probs, labels = segmenter.predict(np.zeros((1, 70, 90, 3), np.uint8))
     assert probs.shape == (1, 3, 70, 90) and labels.shape == (1, 70, 90)
+    # Fine-tuning it keeps its net, and the checkpoint says so, whatever the recipe's preset.
+    tuned = tmp_path / "tuned.pt"
+    short = ["--epochs", "1", "--samples-per-epoch", "4", "--crop", "32"]
+    result = runner.invoke(
+        app, ["train", "--data", str(folder), "--out", str(tuned), "--init", str(ckpt), *short]
+    )
+    assert result.exit_code == 0, result.output
+    assert torch.load(tuned, weights_only=True)["meta"]["training"]["config"]["preset"] == (
+        "small-lab"
+    )
+    clash_args = ["train", "--data", str(folder), "--out", str(tmp_path / "x.pt")]
+    clash = runner.invoke(app, [*clash_args, "--init", str(ckpt), "--preset", "tiny", *short])
+    assert clash.exit_code == 2 and "does not match" in clash.output, clash.output
+    assert not (tmp_path / "x.pt").exists()
 
 
 @pytest.mark.parametrize(

@@ -96,7 +96,7 @@ def test_cosine_schedule_settles_the_weights_by_the_last_step() -> None:
         return sizes
 
     cosine, constant = step_sizes("cosine"), step_sizes("constant")
-    assert len(cosine) == CFG.epochs * CFG.samples_per_epoch // CFG.batch_size
+    assert len(cosine) == CFG.epochs * (CFG.samples_per_epoch // CFG.batch_size)
     assert cosine[-1] < 0.01 * cosine[0]
     assert constant[-1] > 0.2 * constant[0]
     with pytest.raises(ValueError):

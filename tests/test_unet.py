@@ -303,7 +303,8 @@ def test_input_raw_lets_the_net_see_absolute_colour_beside_contrast() -> None:
     config = UNetConfig(width=4, depth=2, input_contrast=True, input_raw=True)
     assert config.input_planes == 6
     assert UNetConfig(width=4, depth=2, input_contrast=True).input_planes == 3
-    assert UNetConfig(width=4, depth=2, input_raw=True).input_planes == 3  # raw is the input
+    with pytest.raises(ValueError, match="input_contrast"):
+        UNetConfig(width=4, depth=2, input_raw=True)  # raw pixels are already the plain input
     torch.manual_seed(0)
     model = build_unet(config).eval()
     assert model.encoder[0][0].in_channels == 6

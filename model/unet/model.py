@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -45,9 +45,15 @@ class UNetConfig(BaseModel):
     )
     input_raw: bool = Field(
         False,
-        description="with input_contrast, also feed the raw pixels (centred) beside the "
-        "contrast: one lab's own camera and oxide make absolute colour worth learning",
+        description="also feed the raw pixels (centred) beside the contrast (needs "
+        "input_contrast): one lab's own camera and oxide make absolute colour worth learning",
     )
+
+    @model_validator(mode="after")
+    def _raw_needs_contrast(self) -> UNetConfig:
+        if self.input_raw and not self.input_contrast:
+            raise ValueError("input_raw adds raw pixels beside the contrast: set input_contrast")
+        return self
 
     @property
     def input_planes(self) -> int:
