@@ -44,6 +44,11 @@ class TrainConfig(BaseModel):
     #: bf16/fp16 autocast on CUDA; ignored on CPU
     amp: bool = True
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps in one epoch: whole batches of the epoch's samples, at least one."""
+        return max(self.samples_per_epoch // self.batch_size, 1)
+
 
 RECIPES: dict[str, TrainConfig] = {
     # Saito et al.: 24 images augmented to 960, batch 1, Adam lr 1e-5, 100 epochs, weighted CE.
@@ -107,7 +112,7 @@ def train(
         log.info("train.class_weights", other=weights[0], monolayer=weights[1], bilayer=weights[2])
     loss_fn = make_loss(config.loss, weights).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
-    steps = max(config.samples_per_epoch // config.batch_size, 1)
+    steps = config.steps_per_epoch
     schedule = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.epochs * steps)
         if config.lr_schedule == "cosine"

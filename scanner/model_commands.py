@@ -122,9 +122,8 @@ def train(
             "val_region": round(scores.regions.accuracy, 4),
         }
 
-    steps = max(cfg.samples_per_epoch // cfg.batch_size, 1)
     with _progress() as bar:
-        task = bar.add_task("train", total=cfg.epochs * steps, status="")
+        task = bar.add_task("train", total=cfg.epochs * cfg.steps_per_epoch, status="")
         model, reports, weights = run_training(
             pairs,
             cfg,
