@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import yaml
 from conftest import small_rig_config
-from shapely.geometry import box
+from shapely.geometry import Point, box
 
 from drivers.simulated import ChipWorld, ConfigError, load_simulated_config
+from drivers.simulated.world import grown_triangle
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +116,40 @@ def test_bad_configs_name_the_problem(tmp_path, doc, names: str) -> None:
 def test_shipped_simulated_config_is_valid() -> None:
     cfg = load_simulated_config("configs/simulated.yaml")
     assert cfg.pixel_size_um("100x") * cfg.camera.sensor_shape[1] == pytest.approx(76.8)
+
+
+def test_grown_triangle_is_equilateral_or_corner_cut() -> None:
+    rng = np.random.default_rng(3)
+    side = 10.0
+    full, cut = np.sqrt(3) / 4 * side**2, []
+    for _ in range(40):
+        tri = grown_triangle(rng, np.array([5.0, -2.0]), side, 0.4)
+        n = len(tri.exterior.coords) - 1
+        assert n in (3, 6)
+        assert tri.centroid.distance(Point(5.0, -2.0)) < 0.3
+        if n == 3:
+            assert tri.area == pytest.approx(full, rel=1e-6)
+            # three 60° corners: all sides equal
+            xy = np.asarray(tri.exterior.coords)
+            assert np.linalg.norm(np.diff(xy, axis=0), axis=1) == pytest.approx(side, rel=1e-6)
+        else:
+            cut.append(tri.area / full)
+    assert cut and min(cut) > 0.6 and max(cut) < 1.0
+
+
+def test_cvd_chip_grows_triangles_with_nuclei_and_dense_films() -> None:
+    flakes = {"thin_flakes_per_mm2": 400, "monolayer_size_um": (20.0, 60.0)}
+    cvd = ChipWorld(small_rig_config(flakes={**flakes, "growth": "cvd"}))
+    exfoliated = ChipWorld(small_rig_config(flakes=flakes))
+    mono = [p for p in cvd.pieces if p.layers == 1]
+    bilayers = [p for p in cvd.pieces if p.layers == 2]
+    assert mono and bilayers
+    # a bilayer grows from its crystal's nucleus: inside some monolayer triangle
+    for b in bilayers[:20]:
+        assert any(m.polygon.contains(b.polygon.centroid) for m in mono)
+    # dense crystals merge into films: fewer monolayer regions than monolayer crystals
+    assert len([f for f in cvd.flakes if f.layers == 1]) < 0.8 * len(mono)
+    # and the area is mostly monolayer (exfoliated terraces step up to bilayer and thick)
+    area = lambda w, n: sum(f.polygon.area for f in w.flakes if f.layers == n)  # noqa: E731
+    share = lambda w: area(w, 1) / (area(w, 1) + area(w, 2))  # noqa: E731
+    assert share(cvd) > 0.85 and share(cvd) > share(exfoliated)

@@ -48,6 +48,10 @@ class FlakeConfig(_Strict):
     monolayer_size_um: tuple[PositiveFloat, PositiveFloat] = (3.0, 22.0)
     #: share of thin flakes that carry a monolayer terrace (the rest start at bilayer)
     monolayer_fraction: Fraction = 0.75
+    #: "exfoliated": cleaved terraces stepping up to thick material; "cvd": grown triangles,
+    #: a bilayer and a thick nucleus at the centre, often merging into a film (as the CVD
+    #: micrographs a model may be measured on)
+    growth: Literal["exfoliated", "cvd"] = "exfoliated"
 
     @model_validator(mode="after")
     def _ordered(self) -> FlakeConfig:

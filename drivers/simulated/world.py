@@ -1,4 +1,5 @@
-"""The synthetic chip: substrate, exfoliated flakes, tape residue and dust, with ground truth.
+"""The synthetic chip: substrate, exfoliated or CVD-grown flakes, tape residue and dust, with
+ground truth.
 
 Everything is in stage micrometres. A piece is a polygon of one material (a terrace of N
 layers, residue, dust). Pieces are painted in a fixed order (residue, then thinner under
@@ -95,6 +96,30 @@ def cleaved_polygon(
     return shapely.affinity.translate(poly, center[0], center[1])
 
 
+def grown_triangle(
+    rng: np.random.Generator, center: np.ndarray, size: float, theta0: float
+) -> Polygon:
+    """A CVD crystal: an equilateral triangle of side `size`, its corners sometimes truncated."""
+    r = size / np.sqrt(3)  # circumradius
+    normals = [np.array([np.cos(a), np.sin(a)]) for a in theta0 + np.arange(3) * 2 * np.pi / 3]
+    tri = Polygon([center + r * n for n in normals])
+    if rng.random() < 0.5:
+        # cut each corner by the half-plane (p - c)·n <= f·r; the edges sit at r/2 opposite
+        for n in normals:
+            far, t, big = r * rng.uniform(0.7, 0.95), np.array([-n[1], n[0]]), 4 * r
+            tri = tri.intersection(
+                Polygon(
+                    [
+                        center + far * n + big * t,
+                        center + far * n - big * t,
+                        center - big * n - big * t,
+                        center - big * n + big * t,
+                    ]
+                )
+            )
+    return tri
+
+
 class ChipWorld:
     """A whole chip, reproducible from `cfg.seed`."""
 
@@ -120,8 +145,9 @@ class ChipWorld:
         cfg, rng = self.cfg.flakes, self.rng
         area_mm2 = self.outline.area / 1e6
         pieces: list[Piece] = []
+        grow = self._grown_crystal if cfg.growth == "cvd" else self._thin_flake
         for _ in range(rng.poisson(cfg.thin_flakes_per_mm2 * area_mm2)):
-            pieces += self._thin_flake(self._random_point())
+            pieces += grow(self._random_point())
         for _ in range(rng.poisson(cfg.bulk_pieces_per_mm2 * area_mm2)):
             c = self._random_point()
             layers = int(rng.choice((*THICK_LAYERS, 4, 5, 6, 8)))
@@ -171,6 +197,25 @@ class ChipWorld:
             c3 = c2 + step * (r2 + r3 * rng.uniform(0.3, 0.8))
             layers = int(rng.choice((3, 4, 6, 10, *THICK_LAYERS)))
             out.append(self._piece(cleaved_polygon(rng, c3, r3, theta0), layers))
+        return out
+
+    def _grown_crystal(self, c: np.ndarray) -> list[Piece]:
+        """A CVD triangle: monolayer, often a bilayer triangle and a thick nucleus at its centre.
+
+        Neighbouring crystals overlap and merge into one monolayer film, as dense growth does.
+        """
+        rng, cfg = self.rng, self.cfg.flakes
+        lo, hi = cfg.monolayer_size_um
+        size = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        theta = rng.uniform(0, 2 * np.pi / 3)
+        out = [self._piece(grown_triangle(rng, c, size, theta), 1)]
+        if rng.random() < 0.5:  # a second layer grown from the nucleus, same orientation
+            c2 = c + rng.normal(0, 0.03 * size, 2)
+            side = size * rng.uniform(0.1, 0.45)
+            out.append(self._piece(grown_triangle(rng, c2, side, theta), 2))
+        if rng.random() < 0.6:
+            nucleus = shapely.Point(c).buffer(size * rng.uniform(0.01, 0.04) + 0.3, 12)
+            out.append(self._piece(nucleus, int(rng.choice((3, 4, 6, 10, 14, 20)))))
         return out
 
     def _truth(self) -> list[TruthFlake]:
