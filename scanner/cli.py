@@ -51,6 +51,15 @@ def synth(
             "randomising them: tiles that look like a scan of that rig.",
         ),
     ] = False,
+    cvd_share: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of randomised chips grown by CVD (triangles merging into films) "
+            "instead of exfoliated.",
+        ),
+    ] = 0.0,
 ) -> None:
     """Write a synthetic dataset folder (images/, masks/, dataset.yaml) from the simulated rig."""
     from drivers.configfile import ConfigError
@@ -80,6 +89,7 @@ def synth(
             tiles_per_chip=tiles_per_chip,
             progress=lambda n: bar.advance(task, n),
             randomise=not rig_look,
+            cvd_share=cvd_share,
         )
     look = " in the rig's own look" if rig_look else ""
     console.print(f"wrote {count} tiles{look} to [bold]{out}[/]")

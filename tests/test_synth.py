@@ -111,15 +111,20 @@ def test_tiles_seek_out_residue_and_debris_as_well_as_flakes(tmp_path) -> None:
     from drivers.simulated.rig import simulated_rig
     from drivers.simulated.synth import randomised_chip
 
+    # one chip, exfoliated (CVD chips have no tape residue) for this seed
     out = write_synthetic_dataset(
-        small_rig_config(), tmp_path / "s", count=40, seed=5, tiles_per_chip=40
+        small_rig_config(), tmp_path / "s", count=40, seed=6, tiles_per_chip=40
     )
     recipes = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     targets = {r["target"] for r in recipes}
     assert {"flake", "debris", "residue"} <= targets
     # a residue tile is centred near residue on its chip
     r = next(r for r in recipes if r["target"] == "residue")
-    cfg = randomised_chip(small_rig_config(), np.random.default_rng(0), r["chip_seed"])
+    rng = np.random.default_rng(6)  # replay synth's draws for its first chip
+    assert int(rng.integers(2**31)) == r["chip_seed"]
+    cfg = randomised_chip(small_rig_config(), rng, r["chip_seed"])
+    assert cfg.flakes.growth == "exfoliated"
+
     with simulated_rig(cfg) as core:
         film = [p.polygon for p in core.simulation.world.pieces if p.code == RESIDUE_CODE]
     import shapely
@@ -146,3 +151,39 @@ def test_cli_synth_rig_look_keeps_the_configs_lamp_and_camera(tmp_path) -> None:
         assert r["gamma"] == pytest.approx(base.optics.gamma, abs=1e-3)
         assert r["exposure_ms"] == pytest.approx(base.camera.exposure_ms, abs=0.01)
     assert any(abs(r["lamp_kelvin"] - base.optics.lamp_kelvin) > 1 for r in sets[False])
+
+
+def test_cvd_share_grows_films_that_fill_the_field(tmp_path) -> None:
+    def substrate_share(out) -> float:
+        masks = sorted((out / "masks").glob("*.png"))
+        return float(np.mean([(np.asarray(Image.open(m)) == 0).mean() for m in masks]))
+
+    cfg = small_rig_config()
+    kw = {"count": 16, "seed": 3, "tiles_per_chip": 4}
+    cvd = write_synthetic_dataset(cfg, tmp_path / "cvd", cvd_share=1.0, **kw)
+    plain = write_synthetic_dataset(cfg, tmp_path / "exf", **kw)
+    growth = [json.loads(line)["growth"] for line in (cvd / "metadata.jsonl").open()]
+    assert growth == ["cvd"] * 16
+    assert "CVD" in (cvd / "dataset.yaml").read_text()
+    assert "CVD" not in (plain / "dataset.yaml").read_text()
+    # dense grown triangles cover far more of a field than exfoliated terraces
+    assert substrate_share(cvd) < substrate_share(plain) - 0.15
+
+
+def test_cvd_share_outside_0_1_is_refused_before_writing(tmp_path) -> None:
+    with pytest.raises(ValueError, match="cvd_share"):
+        write_synthetic_dataset(small_rig_config(), tmp_path / "s", count=2, cvd_share=1.5)
+    assert not (tmp_path / "s" / "images").exists()
+
+
+def test_cli_synth_cvd_share(tmp_path) -> None:
+    runner = CliRunner()
+    base = ["synth", "--config", "configs/simulated.yaml", "--count", "2", "--tiles-per-chip", "1"]
+    out = tmp_path / "cvd"
+    result = runner.invoke(app, [*base, "--out", str(out), "--cvd-share", "1"])
+    assert result.exit_code == 0, result.output
+    growth = {json.loads(line)["growth"] for line in (out / "metadata.jsonl").open()}
+    assert growth == {"cvd"}
+    refused = runner.invoke(app, [*base, "--out", str(tmp_path / "x"), "--cvd-share", "2"])
+    assert refused.exit_code == 2 and "cvd-share" in refused.output
+    assert not (tmp_path / "x").exists()

@@ -48,6 +48,7 @@ class TileRecipe:
     defocus_um: float
     jpeg_quality: int
     crosstalk: float = 0.0
+    growth: str = "exfoliated"
     illumination_tilt: float = 0.0
     output_noise_dn: float = 0.0
 
@@ -61,6 +62,10 @@ CROSSTALK_MATRIX = ((1.0, 0.0, 0.0), (0.3, 0.7, 0.0), (0.6, 0.0, 0.4))
 CROSSTALK_RANGE = (0.4, 1.5)
 #: share of chips without crosstalk (identity: the simulated rig's own default look)
 NO_CROSSTALK_SHARE = 0.2
+#: CVD chips (with cvd_share > 0): triangles dense enough to merge into films, so that about
+#: half their tiles are under half substrate, as 39 % of the real CVD micrographs are
+#: (exfoliated tiles: 7 %)
+CVD_FLAKES_PER_MM2 = (150.0, 1200.0)
 #: linear illumination gradient (fraction, corner to corner); real tiles median ~0.09
 TILT_RANGE = (0.0, 0.4)
 #: post-gamma noise (8-bit levels, sigma); real tiles keep ~3x the noise of shot noise alone
@@ -75,13 +80,19 @@ def crosstalk_matrix(t: float) -> tuple[tuple[float, float, float], ...]:
 
 
 def randomised_chip(
-    base: SimulatedRigConfig, rng: np.random.Generator, seed: int, *, randomise: bool = True
+    base: SimulatedRigConfig,
+    rng: np.random.Generator,
+    seed: int,
+    *,
+    randomise: bool = True,
+    cvd_share: float = 0.0,
 ) -> SimulatedRigConfig:
     """A small chip with its own wafer, lamp and camera settings, dense with thin flakes.
 
     With ``randomise=False`` the lamp, optics and camera stay exactly the base config's (the
     rig's own look, for checking a model on what a scan of that rig will see); the chip is
-    still small and dense with flakes.
+    still small and dense with flakes. ``cvd_share`` of the randomised chips are CVD-grown
+    (``flakes.growth: cvd``) instead of exfoliated.
     """
     data = base.model_dump()
     lo_um = float(rng.uniform(6, 25))
@@ -89,6 +100,19 @@ def randomised_chip(
     # spread around it and towards real micrographs.
     crosstalk = 0.0 if rng.random() < NO_CROSSTALK_SHARE else float(rng.uniform(*CROSSTALK_RANGE))
     blue_gain = float(rng.uniform(0.9, 1.1)) * (1.3 if rng.random() < 0.2 else 1.0)
+    # No draw at share 0: the shipped model's training tiles stay exactly as they were.
+    cvd = randomise and cvd_share > 0 and rng.random() < cvd_share
+    growth = (
+        {
+            "growth": "cvd",
+            "thin_flakes_per_mm2": float(rng.uniform(*CVD_FLAKES_PER_MM2)),
+            "bulk_pieces_per_mm2": 10.0,
+            "residue_per_mm2": 0.0,  # no tape
+            "monolayer_size_um": (lo_um, float(rng.uniform(lo_um + 30, 130))),
+        }
+        if cvd
+        else {}
+    )
     data.update(
         seed=seed,
         time_scale=0.0,
@@ -110,6 +134,7 @@ def randomised_chip(
             # real tiles are mostly monolayer at high magnification: some chips grow large ones
             "monolayer_size_um": (lo_um, float(rng.uniform(lo_um + 15, 90))),
             "monolayer_fraction": 0.9,
+            **growth,
         },
         optics={
             "lamp_kelvin": float(rng.uniform(2800, 4200)),
@@ -161,15 +186,19 @@ def write_synthetic_dataset(
     tiles_per_chip: int = 8,
     progress: Callable[[int], None] | None = None,
     randomise: bool = True,
+    cvd_share: float = 0.0,
 ) -> Path:
     """Write `count` tiles as a dataset folder (images/, masks/, dataset.yaml).
 
-    ``randomise=False`` keeps the base config's lamp, optics and camera on every chip.
+    ``randomise=False`` keeps the base config's lamp, optics and camera on every chip;
+    ``cvd_share`` of the randomised chips grow CVD triangles instead of exfoliated flakes.
 
     Refuses a folder that already holds files, so nothing written before is lost.
     """
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
+    if not 0 <= cvd_share <= 1:
+        raise ValueError(f"cvd_share is a fraction of chips, 0..1; got {cvd_share}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; choose a new folder")
@@ -180,7 +209,7 @@ def write_synthetic_dataset(
     with (out / "metadata.jsonl").open("w") as meta:
         while written < count:
             chip_seed = int(rng.integers(2**31))
-            cfg = randomised_chip(base, rng, chip_seed, randomise=randomise)
+            cfg = randomised_chip(base, rng, chip_seed, randomise=randomise, cvd_share=cvd_share)
             n = min(tiles_per_chip, count - written)
             with closing_core(create_simulated_core(cfg)) as core:
                 for recipe, image, mask in _tiles(core, cfg, rng, n, written, chip_seed):
@@ -189,7 +218,7 @@ def write_synthetic_dataset(
                     written += 1
                     if progress:
                         progress(1)
-    (out / "dataset.yaml").write_text(_dataset_yaml(base, count, seed))
+    (out / "dataset.yaml").write_text(_dataset_yaml(base, count, seed, randomise and cvd_share > 0))
     log.info("synth.done", out=str(out), tiles=count, seed=seed)
     return out
 
@@ -249,14 +278,15 @@ def _tiles(
             read_noise_e=round(cfg.camera.read_noise_e, 2),
             defocus_um=round(defocus, 3),
             jpeg_quality=int(rng.integers(70, 91)),
-            crosstalk=round(_crosstalk_of(cfg), 3),
+            crosstalk=round(crosstalk_of(cfg), 3),
+            growth=cfg.flakes.growth,
             illumination_tilt=round(cfg.optics.illumination_tilt, 3),
             output_noise_dn=round(cfg.camera.output_noise_dn, 3),
         )
         yield recipe, image, mask
 
 
-def _crosstalk_of(cfg: SimulatedRigConfig) -> float:
+def crosstalk_of(cfg: SimulatedRigConfig) -> float:
     """t such that cfg's colour mixing is crosstalk_matrix(t) (read off blue <- red)."""
     return cfg.camera.colour_mixing[2][0] / CROSSTALK_MATRIX[2][0]
 
@@ -269,14 +299,16 @@ def _save(out: Path, recipe: TileRecipe, image: np.ndarray, mask: np.ndarray) ->
     Image.fromarray(mask).save(out / "masks" / f"{recipe.stem}.png")
 
 
-def _dataset_yaml(base: SimulatedRigConfig, count: int, seed: int) -> str:
+def _dataset_yaml(base: SimulatedRigConfig, count: int, seed: int, cvd: bool) -> str:
     header = (
-        "# Synthetic micrographs of exfoliated MoS2 on SiO2/Si from the flakescan simulated rig.\n"
+        "# Synthetic micrographs of MoS2 on SiO2/Si from the flakescan simulated rig.\n"
         "# Made by `flakescan synth`; free to use and to train shipped weights on.\n"
     )
     body = {
         "material": "MoS2",
-        "growth": "exfoliated (simulated)",
+        "growth": "exfoliated and CVD (simulated; per tile in metadata.jsonl)"
+        if cvd
+        else "exfoliated (simulated)",
         "source": "flakescan synth",
         "count": count,
         "seed": seed,
