@@ -72,6 +72,8 @@ def synth(
         raise fail(str(e)) from None
     if out.exists() and any(out.iterdir()):
         raise fail(f"{out} already exists and is not empty; choose a new folder")
+    if rig_look and cvd_share:
+        raise fail("--cvd-share grows randomised chips; --rig-look keeps the rig's exfoliated ones")
     with Progress(
         TextColumn("[bold]synth"),
         BarColumn(),

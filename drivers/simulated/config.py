@@ -34,7 +34,7 @@ class ChipConfig(_Strict):
 
 
 class FlakeConfig(_Strict):
-    """Densities and sizes of what exfoliation leaves behind."""
+    """Densities and sizes of the flakes on a chip, exfoliated or CVD-grown, and of debris."""
 
     #: flakes with thin (1L/2L) terraces, per mm²; labs see about one usable flake per mm²
     thin_flakes_per_mm2: Annotated[float, Field(ge=0)] = 2.0
@@ -46,11 +46,13 @@ class FlakeConfig(_Strict):
     dust_per_mm2: Annotated[float, Field(ge=0)] = 15.0
     #: monolayer terrace size (longest extent), µm
     monolayer_size_um: tuple[PositiveFloat, PositiveFloat] = (3.0, 22.0)
-    #: share of thin flakes that carry a monolayer terrace (the rest start at bilayer)
+    #: share of thin flakes that carry a monolayer terrace (the rest start at bilayer);
+    #: exfoliated only: every CVD crystal starts as a monolayer
     monolayer_fraction: Fraction = 0.75
-    #: "exfoliated": cleaved terraces stepping up to thick material; "cvd": grown triangles,
-    #: a bilayer and a thick nucleus at the centre, often merging into a film (as the CVD
-    #: micrographs a model may be measured on)
+    #: "exfoliated": cleaved terraces stepping up to thick material; "cvd": grown triangles
+    #: (thin_flakes_per_mm2 of them), half with a bilayer triangle and most with a thick
+    #: nucleus at the centre, as in CVD micrographs. Hundreds per mm² and sizes up to ~100 µm
+    #: merge them into films; residue_per_mm2 stays as set (CVD has no tape: set it to 0)
     growth: Literal["exfoliated", "cvd"] = "exfoliated"
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import structlog
@@ -48,7 +49,7 @@ class TileRecipe:
     defocus_um: float
     jpeg_quality: int
     crosstalk: float = 0.0
-    growth: str = "exfoliated"
+    growth: Literal["exfoliated", "cvd"] = "exfoliated"
     illumination_tilt: float = 0.0
     output_noise_dn: float = 0.0
 
@@ -62,9 +63,9 @@ CROSSTALK_MATRIX = ((1.0, 0.0, 0.0), (0.3, 0.7, 0.0), (0.6, 0.0, 0.4))
 CROSSTALK_RANGE = (0.4, 1.5)
 #: share of chips without crosstalk (identity: the simulated rig's own default look)
 NO_CROSSTALK_SHARE = 0.2
-#: CVD chips (with cvd_share > 0): triangles dense enough to merge into films, so that about
-#: half their tiles are under half substrate, as 39 % of the real CVD micrographs are
-#: (exfoliated tiles: 7 %)
+#: CVD chips (with cvd_share > 0): triangles dense enough to merge into films. Aimed at the real
+#: CVD micrographs, 39 % of which are under half substrate (exfoliated synth tiles: 7 %); 47 % of
+#: CVD tiles are
 CVD_FLAKES_PER_MM2 = (150.0, 1200.0)
 #: linear illumination gradient (fraction, corner to corner); real tiles median ~0.09
 TILT_RANGE = (0.0, 0.4)
@@ -100,7 +101,7 @@ def randomised_chip(
     # spread around it and towards real micrographs.
     crosstalk = 0.0 if rng.random() < NO_CROSSTALK_SHARE else float(rng.uniform(*CROSSTALK_RANGE))
     blue_gain = float(rng.uniform(0.9, 1.1)) * (1.3 if rng.random() < 0.2 else 1.0)
-    # No draw at share 0: the shipped model's training tiles stay exactly as they were.
+    # No draw at share 0: the shipped model's training images and masks stay as they were.
     cvd = randomise and cvd_share > 0 and rng.random() < cvd_share
     growth = (
         {
@@ -111,7 +112,8 @@ def randomised_chip(
             "monolayer_size_um": (lo_um, float(rng.uniform(lo_um + 30, 130))),
         }
         if cvd
-        else {}
+        # explicit, so a CVD base config does not make every "exfoliated" chip CVD
+        else {"growth": "exfoliated"}
     )
     data.update(
         seed=seed,
@@ -199,6 +201,8 @@ def write_synthetic_dataset(
         raise ValueError(f"count must be at least 1, got {count}")
     if not 0 <= cvd_share <= 1:
         raise ValueError(f"cvd_share is a fraction of chips, 0..1; got {cvd_share}")
+    if cvd_share and not randomise:
+        raise ValueError("cvd_share needs randomised chips: the rig's own look is exfoliated")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; choose a new folder")
@@ -206,6 +210,7 @@ def write_synthetic_dataset(
     (out / "masks").mkdir(exist_ok=True)
     rng = np.random.default_rng(seed)
     written = 0
+    growths: set[str] = set()
     with (out / "metadata.jsonl").open("w") as meta:
         while written < count:
             chip_seed = int(rng.integers(2**31))
@@ -215,10 +220,11 @@ def write_synthetic_dataset(
                 for recipe, image, mask in _tiles(core, cfg, rng, n, written, chip_seed):
                     _save(out, recipe, image, mask)
                     meta.write(json.dumps(asdict(recipe)) + "\n")
+                    growths.add(recipe.growth)
                     written += 1
                     if progress:
                         progress(1)
-    (out / "dataset.yaml").write_text(_dataset_yaml(base, count, seed, randomise and cvd_share > 0))
+    (out / "dataset.yaml").write_text(_dataset_yaml(base, count, seed, growths, cvd_share))
     log.info("synth.done", out=str(out), tiles=count, seed=seed)
     return out
 
@@ -299,19 +305,21 @@ def _save(out: Path, recipe: TileRecipe, image: np.ndarray, mask: np.ndarray) ->
     Image.fromarray(mask).save(out / "masks" / f"{recipe.stem}.png")
 
 
-def _dataset_yaml(base: SimulatedRigConfig, count: int, seed: int, cvd: bool) -> str:
+def _dataset_yaml(
+    base: SimulatedRigConfig, count: int, seed: int, growths: set[str], cvd_share: float
+) -> str:
+    kinds = " and ".join(g for g in ("exfoliated", "cvd") if g in growths).replace("cvd", "CVD")
     header = (
-        "# Synthetic micrographs of MoS2 on SiO2/Si from the flakescan simulated rig.\n"
+        f"# Synthetic micrographs of {kinds} MoS2 on SiO2/Si from the flakescan simulated rig.\n"
         "# Made by `flakescan synth`; free to use and to train shipped weights on.\n"
     )
     body = {
         "material": "MoS2",
-        "growth": "exfoliated and CVD (simulated; per tile in metadata.jsonl)"
-        if cvd
-        else "exfoliated (simulated)",
+        "growth": f"{kinds} (simulated)",  # per tile in metadata.jsonl
         "source": "flakescan synth",
         "count": count,
         "seed": seed,
+        **({"cvd_share": cvd_share} if cvd_share else {}),
         "base_config_seed": base.seed,
         "image_glob": "images/*.jpg",
         "mask_glob": "masks/*.png",

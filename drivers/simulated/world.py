@@ -15,6 +15,7 @@ import numpy as np
 import shapely
 from PIL import Image, ImageDraw
 from shapely.geometry import Polygon, box
+from shapely.geometry.base import BaseGeometry
 
 from .config import SimulatedRigConfig
 from .optics import DUST_CODE, RESIDUE_CODE, THICK_LAYERS, material_code
@@ -98,13 +99,15 @@ def cleaved_polygon(
 
 def grown_triangle(
     rng: np.random.Generator, center: np.ndarray, size: float, theta0: float
-) -> Polygon:
-    """A CVD crystal: an equilateral triangle of side `size`, its corners sometimes truncated."""
+) -> BaseGeometry:
+    """A CVD crystal: an equilateral triangle of side `size`, half the time corner-cut."""
     r = size / np.sqrt(3)  # circumradius
     normals = [np.array([np.cos(a), np.sin(a)]) for a in theta0 + np.arange(3) * 2 * np.pi / 3]
     tri = Polygon([center + r * n for n in normals])
     if rng.random() < 0.5:
-        # cut each corner by the half-plane (p - c)·n <= f·r; the edges sit at r/2 opposite
+        # Cut each corner by the half-plane (p - c)·n <= far, far 0.7-0.95 r: real crystals
+        # grown slowly blunt their tips, and at >= 0.7 r two cuts never meet on an edge
+        # (1.73 r long), so the result is always one hexagon.
         for n in normals:
             far, t, big = r * rng.uniform(0.7, 0.95), np.array([-n[1], n[0]]), 4 * r
             tri = tri.intersection(
@@ -131,7 +134,7 @@ class ChipWorld:
         self.rng = np.random.default_rng(cfg.seed)
         self._oxide_waves = self.rng.normal(size=(3, 4))
         self._warp_phase = self.rng.uniform(0, 2 * np.pi, size=2)
-        pieces = self._exfoliate()
+        pieces = self._populate()
         pieces.sort(key=lambda p: p.order)
         self.pieces = pieces
         self._coords = [np.asarray(p.polygon.exterior.coords, dtype=np.float64) for p in pieces]
@@ -141,7 +144,7 @@ class ChipWorld:
         self.flakes = self._truth()
 
     # ---------------------------------------------------------------- building
-    def _exfoliate(self) -> list[Piece]:
+    def _populate(self) -> list[Piece]:
         cfg, rng = self.cfg.flakes, self.rng
         area_mm2 = self.outline.area / 1e6
         pieces: list[Piece] = []
@@ -214,6 +217,7 @@ class ChipWorld:
             side = size * rng.uniform(0.1, 0.45)
             out.append(self._piece(grown_triangle(rng, c2, side, theta), 2))
         if rng.random() < 0.6:
+            # at least ~0.6 µm across: smaller would vanish in the camera's blur
             nucleus = shapely.Point(c).buffer(size * rng.uniform(0.01, 0.04) + 0.3, 12)
             out.append(self._piece(nucleus, int(rng.choice((3, 4, 6, 10, 14, 20)))))
         return out
