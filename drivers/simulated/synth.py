@@ -65,7 +65,7 @@ CROSSTALK_RANGE = (0.4, 1.5)
 NO_CROSSTALK_SHARE = 0.2
 #: CVD chips (with cvd_share > 0): triangles dense enough to merge into films. Aimed at the real
 #: CVD micrographs, 39 % of which are under half substrate (exfoliated synth tiles: 7 %); 47 % of
-#: CVD tiles are
+#: CVD tiles are (160-tile check, docs/model_card.md)
 CVD_FLAKES_PER_MM2 = (150.0, 1200.0)
 #: linear illumination gradient (fraction, corner to corner); real tiles median ~0.09
 TILT_RANGE = (0.0, 0.4)
@@ -308,7 +308,8 @@ def _save(out: Path, recipe: TileRecipe, image: np.ndarray, mask: np.ndarray) ->
 def _dataset_yaml(
     base: SimulatedRigConfig, count: int, seed: int, growths: set[str], cvd_share: float
 ) -> str:
-    kinds = " and ".join(g for g in ("exfoliated", "cvd") if g in growths).replace("cvd", "CVD")
+    names = {"exfoliated": "exfoliated", "cvd": "CVD"}
+    kinds = " and ".join(name for growth, name in names.items() if growth in growths)
     header = (
         f"# Synthetic micrographs of {kinds} MoS2 on SiO2/Si from the flakescan simulated rig.\n"
         "# Made by `flakescan synth`; free to use and to train shipped weights on.\n"

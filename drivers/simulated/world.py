@@ -82,18 +82,7 @@ def cleaved_polygon(
             rng.uniform(0.9, 1.4) if (triangle_like and k % 2) else rng.uniform(0.45, 1.0)
         )
         n = np.array([np.cos(a), np.sin(a)])
-        t = np.array([-n[1], n[0]])
-        # half-plane {p: p·n <= far} as a big quadrilateral
-        big = 10 * radius
-        quad = Polygon(
-            [
-                far * n + big * t,
-                far * n - big * t,
-                far * n - big * t - big * n,
-                far * n + big * t - big * n,
-            ]
-        )
-        poly = poly.intersection(quad)
+        poly = poly.intersection(_half_plane(np.zeros(2), n, far, 10 * radius))
     return shapely.affinity.translate(poly, center[0], center[1])
 
 
@@ -109,18 +98,22 @@ def grown_triangle(
         # grown slowly blunt their tips, and at >= 0.7 r two cuts never meet on an edge
         # (1.73 r long), so the result is always one hexagon.
         for n in normals:
-            far, t, big = r * rng.uniform(0.7, 0.95), np.array([-n[1], n[0]]), 4 * r
-            tri = tri.intersection(
-                Polygon(
-                    [
-                        center + far * n + big * t,
-                        center + far * n - big * t,
-                        center - big * n - big * t,
-                        center - big * n + big * t,
-                    ]
-                )
-            )
+            tri = tri.intersection(_half_plane(center, n, r * rng.uniform(0.7, 0.95), 4 * r))
     return tri
+
+
+def _half_plane(origin: np.ndarray, n: np.ndarray, far: float, big: float) -> Polygon:
+    """{p: (p - origin)·n <= far} as a quadrilateral `big` wide and deep: enough to clip a
+    shape smaller than `big` around origin with one polygon intersection."""
+    t = np.array([-n[1], n[0]])
+    return Polygon(
+        [
+            origin + far * n + big * t,
+            origin + far * n - big * t,
+            origin + far * n - big * t - big * n,
+            origin + far * n + big * t - big * n,
+        ]
+    )
 
 
 class ChipWorld:
