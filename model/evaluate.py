@@ -35,7 +35,7 @@ def evaluate(
         sample = dataset.samples[i]
         image, truth = dataset.read_pair(sample)
         probs, labels = segmenter.predict(image[None])
-        acc.update(truth, pred=labels[0], probs=probs[0])
+        acc.update(truth, pred=labels[0], probs=probs[0], name=sample.stem)
         if pred_out is not None:
             Image.fromarray(labels[0].astype(np.uint8)).save(Path(pred_out) / f"{sample.stem}.png")
         if on_image:

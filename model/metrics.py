@@ -270,6 +270,8 @@ class Scores(BaseModel):
     regions: RegionScores
     roc_auc: dict[str, float] = {}
     average_precision: dict[str, float] = {}
+    #: each named image's own confusion matrix, so anyone can see where the errors sit
+    per_image: dict[str, list[list[int]]] = {}
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values: NaN becomes None, region totals are spelled out."""
@@ -308,6 +310,28 @@ class Scores(BaseModel):
         )
         return "\n".join(rows)
 
+    def format_worst(self, n: int) -> str:
+        """The `n` images with the most misclassified pixels, with their per-class accuracy.
+
+        The pixel scores pool all images, so a few images that go wrong over whole regions can
+        move them more than every boundary together: these are the images to look at first.
+        """
+        wrong = {name: int(np.sum(cm) - np.trace(cm)) for name, cm in self.per_image.items()}
+        pooled = np.array(self.confusion)
+        total = int(pooled.sum() - np.trace(pooled))
+        header = f"{'image':<28} {'wrong px':>9} {'of all':>7} " + " ".join(
+            f"{name:>9}" for name in CLASS_NAMES
+        )
+        rows = [header]
+        for name in sorted(wrong, key=lambda k: (-wrong[k], k))[:n]:
+            accuracy = per_class_pixel_accuracy(np.array(self.per_image[name]))
+            share = wrong[name] / total if total else 0.0
+            rows.append(
+                f"{name:<28} {wrong[name]:>9} {share:>7.1%} "
+                + " ".join(f"{_fmt(float(a)):>9}" for a in accuracy)
+            )
+        return "\n".join(rows)
+
 
 class ScoreAccumulator:
     """Feed (truth, prediction) one image at a time; `scores()` and `curves()` at the end."""
@@ -318,17 +342,31 @@ class ScoreAccumulator:
         self.confusion = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
         self.regions = np.zeros((N_CLASSES, N_CLASSES + 1), dtype=np.int64)
         self.roc = {c: RocPrAccumulator(c, bins) for c in CURVE_CLASSES}
+        self.per_image: dict[str, np.ndarray] = {}
         self._with_probs = False
 
     def update(
-        self, true: np.ndarray, pred: np.ndarray | None = None, probs: np.ndarray | None = None
+        self,
+        true: np.ndarray,
+        pred: np.ndarray | None = None,
+        probs: np.ndarray | None = None,
+        *,
+        name: str | None = None,
     ) -> None:
-        """`pred`: H×W labels; `probs`: C×H×W probabilities (pred defaults to their argmax)."""
+        """`pred`: H×W labels; `probs`: C×H×W probabilities (pred defaults to their argmax).
+
+        `name` (the image's stem) keeps this image's own confusion matrix in the scores.
+        """
         if pred is None and probs is None:
             raise ValueError("update needs pred, probs or both")
         if pred is None:
             pred = np.asarray(probs).argmax(axis=0).astype(np.uint8)
-        self.confusion += confusion_matrix(true, pred)
+        confusion = confusion_matrix(true, pred)
+        if name is not None:
+            if name in self.per_image:
+                raise ValueError(f"image {name!r} was already scored")
+            self.per_image[name] = confusion
+        self.confusion += confusion
         self.regions += region_confusion(true, pred, self.min_area)
         if probs is not None:
             self._with_probs = True
@@ -350,6 +388,7 @@ class ScoreAccumulator:
             iou=dict(zip(CLASS_NAMES, iou.tolist(), strict=True)),
             mean_iou=mean_iou(self.confusion),
             regions=RegionScores(min_area=self.min_area, confusion=self.regions.tolist()),
+            per_image={name: cm.tolist() for name, cm in self.per_image.items()},
             roc_auc={c["class"]: c["roc_auc"] for c in curves},
             average_precision={c["class"]: c["average_precision"] for c in curves},
         )

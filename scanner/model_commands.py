@@ -176,6 +176,12 @@ def evaluate(
             "(default: the labels as trained, the paper's way).",
         ),
     ] = False,
+    worst: Annotated[
+        int,
+        typer.Option(
+            min=0, help="List this many images with the most misclassified pixels (0: none)."
+        ),
+    ] = 5,
 ) -> None:
     """Score a checkpoint on a dataset folder: pixel accuracy, IoU, region accuracy, ROC/PR."""
     from model.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
@@ -206,6 +212,9 @@ def evaluate(
             on_image=lambda stem: bar.update(task, advance=1, status=stem),
         )
     console.print(scores.format_table())
+    if worst:
+        console.print("\nmost misclassified pixels (per-class accuracy in each image):")
+        console.print(scores.format_worst(worst), markup=False)
     if json_out:
         json_out.write_text(json.dumps(scores.as_dict(), indent=2))
 
