@@ -7,8 +7,9 @@
   a question, answered by the class most of its pixels are predicted as;
 - ROC and precision-recall curves for monolayer-vs-rest and bilayer-vs-rest.
 
-Everything accumulates image by image in fixed memory (a confusion matrix, region counts, score
-histograms), so a scan-sized evaluation never holds all predictions at once. Label maps hold
+Everything accumulates image by image (a confusion matrix, region counts, score histograms, and
+a 3×3 confusion matrix per named image), so a scan-sized evaluation never holds all predictions
+at once. Label maps hold
 class indices 0..n-1; probability maps are channel-first (C×H×W), as the network emits them.
 """
 
@@ -310,24 +311,39 @@ class Scores(BaseModel):
         )
         return "\n".join(rows)
 
+    def accuracy_lost(self) -> dict[str, float]:
+        """Each named image's share of 1 - mean per-class pixel accuracy.
+
+        A pixel missed from class c costs 1 / (pixels of c in all images · classes present), so
+        a missed monolayer weighs far more than a speck of substrate called monolayer, as in
+        the score itself; over all images (named or not) the shares add up to 1 - the score.
+        """
+        pooled = np.asarray(self.confusion, dtype=np.float64).sum(axis=1)
+        present = pooled > 0
+        if not present.any():
+            return {name: 0.0 for name in self.per_image}
+        cost = np.where(present, 1.0 / np.where(present, pooled, 1.0), 0.0) / present.sum()
+        return {
+            name: float(((np.sum(cm, axis=1) - np.diag(cm)) * cost).sum())
+            for name, cm in ((k, np.asarray(v)) for k, v in self.per_image.items())
+        }
+
     def format_worst(self, n: int) -> str:
-        """The `n` images with the most misclassified pixels, with their per-class accuracy.
+        """The `n` images that cost the mean per-class accuracy most, with their own accuracy.
 
         The pixel scores pool all images, so a few images that go wrong over whole regions can
         move them more than every boundary together: these are the images to look at first.
         """
-        wrong = {name: int(np.sum(cm) - np.trace(cm)) for name, cm in self.per_image.items()}
-        pooled = np.array(self.confusion)
-        total = int(pooled.sum() - np.trace(pooled))
-        header = f"{'image':<28} {'wrong px':>9} {'of all':>7} " + " ".join(
+        lost = self.accuracy_lost()
+        header = f"{'image':<28} {'acc. lost':>9} {'wrong px':>9} " + " ".join(
             f"{name:>9}" for name in CLASS_NAMES
         )
         rows = [header]
-        for name in sorted(wrong, key=lambda k: (-wrong[k], k))[:n]:
-            accuracy = per_class_pixel_accuracy(np.array(self.per_image[name]))
-            share = wrong[name] / total if total else 0.0
+        for name in sorted(lost, key=lambda k: (-lost[k], k))[:n]:
+            cm = np.asarray(self.per_image[name])
+            accuracy = per_class_pixel_accuracy(cm)
             rows.append(
-                f"{name:<28} {wrong[name]:>9} {share:>7.1%} "
+                f"{name:<28} {lost[name]:>9.4f} {int(cm.sum() - np.trace(cm)):>9} "
                 + " ".join(f"{_fmt(float(a)):>9}" for a in accuracy)
             )
         return "\n".join(rows)

@@ -179,7 +179,7 @@ def evaluate(
     worst: Annotated[
         int,
         typer.Option(
-            min=0, help="List this many images with the most misclassified pixels (0: none)."
+            min=0, help="List the images that cost the mean per-class accuracy most (0: none)."
         ),
     ] = 5,
 ) -> None:
@@ -213,8 +213,10 @@ def evaluate(
         )
     console.print(scores.format_table())
     if worst:
-        console.print("\nmost misclassified pixels (per-class accuracy in each image):")
-        console.print(scores.format_worst(worst), markup=False)
+        console.print("\nworst images (their share of the lost mean per-class accuracy):")
+        # Stems are the user's file names: print them as they are, unwrapped.
+        table = scores.format_worst(worst)
+        console.print(table, markup=False, emoji=False, highlight=False, soft_wrap=True)
     if json_out:
         json_out.write_text(json.dumps(scores.as_dict(), indent=2))
 

@@ -133,12 +133,12 @@ def test_model_commands(folder, tmp_path) -> None:
     written = json.loads((tmp_path / "s.json").read_text())
     assert "mean_pixel_accuracy" in written
     assert len(written["per_image"]) == 6  # every image's own confusion matrix, by stem
-    worst = scored.output.split("most misclassified")[1].strip().splitlines()[2:]
+    worst = scored.output.split("worst images")[1].strip().splitlines()[2:]
     assert len(worst) == 5 and all(line.split()[0] in written["per_image"] for line in worst)
     quiet = runner.invoke(
         app, ["evaluate", "--data", str(folder), "--checkpoint", str(ckpt), "--worst", "0"]
     )
-    assert quiet.exit_code == 0 and "most misclassified" not in quiet.output
+    assert quiet.exit_code == 0 and "worst images" not in quiet.output
     missing = runner.invoke(
         app, ["evaluate", "--data", str(folder), "--checkpoint", str(tmp_path / "nope.pt")]
     )

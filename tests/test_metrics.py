@@ -233,29 +233,37 @@ def test_as_dict_turns_nan_into_none() -> None:
     json.dumps(d, allow_nan=False)
 
 
-def test_worst_images_rank_by_wrong_pixels_with_each_images_own_accuracy() -> None:
-    """Per-image confusion matrices are kept by name; the worst list ranks images by wrong
-    pixels (what moves the pooled score) and shows each one's own per-class accuracy."""
+def test_worst_images_rank_by_the_accuracy_they_cost() -> None:
+    """Per-image confusion matrices are kept by name. The worst list ranks images by their share
+    of 1 - mean per-class accuracy, so a missed monolayer outranks more wrong pixels of
+    substrate, and the shares of all images add up to what the score lost."""
     true = np.zeros((10, 10), np.uint8)
-    true[:, :4] = 1  # 40 monolayer pixels
+    true[:, :4] = 1  # 40 monolayer pixels, 60 other
     clean = true.copy()
     half_missed = true.copy()
     half_missed[:5, :4] = 0  # 20 monolayer pixels called substrate
+    speckled = true.copy()
+    speckled[:5, 5:] = 1  # 25 substrate pixels called monolayer: more pixels, less accuracy
     one_wrong = true.copy()
     one_wrong[9, 9] = 2  # one substrate pixel called bilayer
     acc = ScoreAccumulator()
     acc.update(true, pred=clean, name="clean")
+    acc.update(true, pred=speckled, name="speckled")
     acc.update(true, pred=half_missed, name="sample_3")
-    acc.update(true, pred=one_wrong, name="sample_1")
     acc.update(true, pred=one_wrong)  # unnamed: pooled, not listed
     with pytest.raises(ValueError, match="sample_3"):
         acc.update(true, pred=clean, name="sample_3")
     s = acc.scores()
     assert s.n_images == 4 and np.sum(s.confusion) == 400  # the refused one left no trace
     assert s.per_image["sample_3"] == [[60, 0, 0], [20, 20, 0], [0, 0, 0]]
-    assert set(s.per_image) == {"clean", "sample_3", "sample_1"}
+    lost = s.accuracy_lost()
+    assert set(lost) == {"clean", "speckled", "sample_3"}
+    # other: 240 pixels in all, monolayer: 160, bilayer absent; two classes in the mean
+    assert lost == pytest.approx({"clean": 0.0, "speckled": 25 / 480, "sample_3": 20 / 320})
+    unnamed = 1 / 480
+    assert sum(lost.values()) + unnamed == pytest.approx(1 - s.mean_pixel_accuracy)
     lines = s.format_worst(2).splitlines()
     assert len(lines) == 3  # header + the two worst
-    assert lines[1].split() == ["sample_3", "20", "90.9%", "1.000", "0.500", "-"]
-    assert lines[2].split() == ["sample_1", "1", "4.5%", "0.983", "1.000", "-"]
-    assert json.loads(json.dumps(s.as_dict()))["per_image"]["sample_1"][0] == [59, 0, 1]
+    assert lines[1].split() == ["sample_3", "0.0625", "20", "1.000", "0.500", "-"]
+    assert lines[2].split() == ["speckled", "0.0521", "25", "0.583", "1.000", "-"]
+    assert json.loads(json.dumps(s.as_dict()))["per_image"]["speckled"][0] == [35, 25, 0]
