@@ -65,7 +65,7 @@ CROSSTALK_RANGE = (0.4, 1.5)
 NO_CROSSTALK_SHARE = 0.2
 #: CVD chips (with cvd_share > 0): triangles dense enough to merge into films. Aimed at the real
 #: CVD micrographs, 39 % of which are under half substrate (exfoliated synth tiles: 7 %); 47 % of
-#: CVD tiles are (160-tile check, docs/model_card.md)
+#: CVD tiles are too (160-tile check, docs/model_card.md).
 CVD_FLAKES_PER_MM2 = (150.0, 1200.0)
 #: linear illumination gradient (fraction, corner to corner); real tiles median ~0.09
 TILT_RANGE = (0.0, 0.4)
