@@ -9,8 +9,8 @@
 
 Everything accumulates image by image (a confusion matrix, region counts, score histograms, and
 a 3×3 confusion matrix per named image), so a scan-sized evaluation never holds all predictions
-at once. Label maps hold
-class indices 0..n-1; probability maps are channel-first (C×H×W), as the network emits them.
+at once. Label maps hold class indices 0..n-1; probability maps are channel-first (C×H×W), as
+the network emits them.
 """
 
 from __future__ import annotations
@@ -320,13 +320,13 @@ class Scores(BaseModel):
         """
         pooled = np.asarray(self.confusion, dtype=np.float64).sum(axis=1)
         present = pooled > 0
-        if not present.any():
-            return {name: 0.0 for name in self.per_image}
-        cost = np.where(present, 1.0 / np.where(present, pooled, 1.0), 0.0) / present.sum()
-        return {
-            name: float(((np.sum(cm, axis=1) - np.diag(cm)) * cost).sum())
-            for name, cm in ((k, np.asarray(v)) for k, v in self.per_image.items())
-        }
+        cost = np.zeros_like(pooled)
+        cost[present] = 1.0 / (pooled[present] * present.sum())
+        lost = {}
+        for name, matrix in self.per_image.items():
+            cm = np.asarray(matrix)
+            lost[name] = float(((cm.sum(axis=1) - np.diag(cm)) * cost).sum())
+        return lost
 
     def format_worst(self, n: int) -> str:
         """The `n` images that cost the mean per-class accuracy most, with their own accuracy.
