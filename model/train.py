@@ -120,6 +120,8 @@ def train(
     )
     augmenter = Augmenter(crop=config.crop, photometric=augment_set(config.augment), rng=rng)
     use_amp = config.amp and device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one crop size all run: time the algorithms once
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     reports: list[EpochReport] = []

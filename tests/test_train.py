@@ -35,6 +35,8 @@ CFG = TrainConfig(
     lr=1e-2,
     augment="none",
     seed=3,
+    # The training logic on the CPU everywhere; tests/test_cuda.py covers the GPU.
+    device="cpu",
 )
 
 
