@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from model.segmenter import Segmenter, fold_batch_norm
+from model.segmenter import Segmenter, fold_for_inference
 from model.unet import PRESETS, build_unet, gflops_per_tile
 
 TILE = 512
@@ -79,7 +79,7 @@ def bench(
     slow = not cuda and gflops_per_tile(config) > 100
     compile_ = args.compile and cuda
     segmenter = Segmenter(model, device=device, compile=compile_)
-    forward: Callable[[torch.Tensor], torch.Tensor] = fold_batch_norm(model).to(
+    forward: Callable[[torch.Tensor], torch.Tensor] = fold_for_inference(model).to(
         device, memory_format=torch.channels_last
     )
     if compile_:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from model.checkpoint import save_checkpoint
-from model.segmenter import Segmenter, fold_batch_norm
+from model.segmenter import Segmenter, fold_batch_norm, fold_for_inference
 from model.unet import UNet, UNetConfig, build_unet
 
 RNG = np.random.default_rng(0)
@@ -199,6 +199,24 @@ def test_fold_batch_norm_leaves_the_model_alone() -> None:
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_fold_for_inference_rewrites_up_convolutions_exactly(batch_norm: bool) -> None:
+    torch.manual_seed(3)
+    model = build_unet(UNetConfig(width=6, depth=3, batch_norm=batch_norm)).train()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 48, 40) * 2)  # batch-norm statistics away from their defaults
+    model.eval()
+    folded = fold_for_inference(model)
+    assert sum(isinstance(m, nn.Upsample) for m in model.modules()) == 3
+    assert not any(isinstance(m, nn.Upsample | nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.ConvTranspose2d) for m in folded.modules()) == 3
+    # Odd sizes at every level but the input's (48×40 -> 6×5 at the bottleneck): the
+    # bottom/right zero pad of the original up-convolution must land on the same pixels.
+    x = torch.rand(2, 3, 48, 40)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
 
