@@ -1,4 +1,4 @@
-"""scripts/draw_predictions.py and scripts/finetune_experiment.py: licence guard and splits."""
+"""scripts/draw_predictions.py, finetune_experiment.py and bench_training.py."""
 
 from __future__ import annotations
 
@@ -82,3 +82,17 @@ def test_finetune_split_links_whole_samples_outside_the_repo(tmp_path) -> None:
     inside = ft.REPO_ROOT / "runs" / "ft-should-not-exist"
     assert ft.main(["--data", str(ds.root), "--work", str(inside)]) == 2
     assert not inside.exists()
+
+
+def test_bench_training_projects_a_recipe_from_its_measured_rate(monkeypatch, capsys) -> None:
+    bench = _script("bench_training")
+    monkeypatch.setattr("sys.argv", ["bench_training", "--recipes", "cpu", "--steps", "2"])
+    monkeypatch.setattr(bench, "resolve_device", lambda name: torch.device("cpu"))
+    bench.main()
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cpu "))
+    _, preset, crop, batch, precision, rate, samples, run, unit = row.split()[:9]
+    assert (preset, crop, batch, precision) == ("small", "256", "4", "fp32")
+    assert float(rate) > 0 and float(samples) == pytest.approx(4 * float(rate), rel=0.01)
+    # 30 epochs of 48 steps at the measured rate
+    minutes = 30 * 48 / float(rate) / 60
+    assert float(run) == pytest.approx(minutes if unit == "min" else minutes / 60, abs=0.06)
