@@ -18,6 +18,17 @@ from model.unet import PRESETS, build_unet
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 RNG = np.random.default_rng(4)
+GPU_TRAINING = TrainConfig(
+    preset="tiny",
+    epochs=3,
+    samples_per_epoch=16,
+    crop=64,
+    batch_size=4,
+    lr=1e-2,
+    augment="none",
+    seed=1,
+    device="cuda",
+)
 
 
 def _toy_pairs(n: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -89,17 +100,7 @@ def test_mixed_precision_training_learns(monkeypatch, bf16: bool) -> None:
     # Without bf16 (pre-Ampere GPUs) training autocasts to fp16 behind a gradient scaler.
     if not bf16:
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    cfg = TrainConfig(
-        preset="tiny",
-        epochs=8,
-        samples_per_epoch=32,
-        crop=64,
-        batch_size=8,
-        lr=1e-2,
-        augment="none",
-        seed=1,
-        device="cuda",
-    )
+    cfg = GPU_TRAINING.model_copy(update={"epochs": 8, "samples_per_epoch": 32, "batch_size": 8})
     model, reports, _ = train(_toy_pairs(), cfg)
     assert next(model.parameters()).device.type == "cuda"
     assert all(np.isfinite(r.train_loss) for r in reports)
@@ -107,17 +108,7 @@ def test_mixed_precision_training_learns(monkeypatch, bf16: bool) -> None:
 
 
 def test_checkpoint_trained_on_the_gpu_loads_on_the_cpu(tmp_path, monkeypatch) -> None:
-    cfg = TrainConfig(
-        preset="tiny",
-        epochs=3,
-        samples_per_epoch=16,
-        crop=64,
-        batch_size=4,
-        lr=1e-2,
-        augment="none",
-        device="cuda",
-    )
-    model, _, _ = train(_toy_pairs(), cfg)
+    model, _, _ = train(_toy_pairs(), GPU_TRAINING)
     path = tmp_path / "gpu.pt"
     save_checkpoint(path, model, PRESETS["tiny"])
     on_cpu, _ = load_checkpoint(path)
