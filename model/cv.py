@@ -77,14 +77,15 @@ def cross_validate(
     indices = subset_by_sample(dataset, subset, base.seed) if subset else list(range(len(dataset)))
     samples = [dataset.samples[i] for i in indices]
     splits = kfold_by_sample(samples, k=folds, seed=base.seed)
-    pairs = preload(dataset, indices)
+    pairs = preload(dataset, indices, split_other=base.split_other)
+    other_outputs = dataset.config.other_outputs if base.split_other else 1
     results = []
     for augment, loss in itertools.product(augments, losses):
         result = CvResult(augment, loss)
         start = time.perf_counter()
         for k, (train_idx, val_idx) in enumerate(splits):
             cfg = base.model_copy(update={"augment": augment, "loss": loss})
-            model, _, _ = train([pairs[i] for i in train_idx], cfg)
+            model, _, _ = train([pairs[i] for i in train_idx], cfg, other_outputs=other_outputs)
             segmenter = Segmenter(
                 model, device=str(next(model.parameters()).device), batch_size=batch_size
             )

@@ -50,12 +50,38 @@ class DatasetConfig(BaseModel):
                 raise ValueError(f"value {raw} names unknown class {name!r}; use {CLASS_NAMES}")
         return value
 
-    def label_lut(self) -> np.ndarray:
-        """256-entry table: raw mask value -> class index, 255 where the value is not mapped."""
+    def label_lut(self, split_other: bool = False) -> np.ndarray:
+        """256-entry table: raw mask value -> class index, 255 where the value is not mapped.
+
+        ``split_other``: the training targets of a net whose `other` is split (see
+        ``other_outputs``): the lowest raw value mapped to `other` stays 0, the next ones
+        become 3, 4, ... in raw-value order.
+        """
         lut = np.full(256, _UNMAPPED, dtype=np.uint8)
+        extra = len(CLASS_NAMES)
         for raw, name in self.label_values.items():
             lut[raw] = CLASS_NAMES.index(name)
+        if split_other:
+            for raw in self.other_values[1:]:
+                lut[raw] = extra
+                extra += 1
         return lut
+
+    @property
+    def other_values(self) -> list[int]:
+        """The raw mask values mapped to `other`, lowest first."""
+        return sorted(raw for raw, name in self.label_values.items() if name == "other")
+
+    @property
+    def other_outputs(self) -> int:
+        """Outputs a net learning each raw value of `other` apart needs for it (at least 1).
+
+        `other` is usually a mix: the real set maps bare substrate (0) and trilayer-and-thicker
+        flakes (3) to it. Learnt as one class, thick flakes weigh as little as substrate in a
+        class-weighted loss and come out as bilayer; learnt apart and summed at inference,
+        they stay `other`.
+        """
+        return max(len(self.other_values), 1)
 
 
 @dataclass(frozen=True)
@@ -86,9 +112,13 @@ class Dataset:
     def read_mask(self, sample: Sample) -> np.ndarray:
         return read_mask(sample, self.lut)
 
-    def read_pair(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-        """Image (H×W×3 uint8) and class mask (H×W uint8), checked to be the same size."""
-        image, mask = read_image(sample), self.read_mask(sample)
+    def read_pair(
+        self, sample: Sample, lut: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Image (H×W×3 uint8) and class mask (H×W uint8, through ``lut``, default the
+        dataset's), checked to be the same size."""
+        image = read_image(sample)
+        mask = read_mask(sample, self.lut if lut is None else lut)
         if image.shape[:2] != mask.shape:
             raise DatasetError(
                 f"{sample.stem}: image is {image.shape[1]}×{image.shape[0]} px but its mask "
@@ -136,7 +166,7 @@ def read_image(sample: Sample | Path) -> np.ndarray:
 
 
 def read_mask(sample: Sample, lut: np.ndarray) -> np.ndarray:
-    """H×W uint8 class indices 0..2, mapped from raw values through `lut`."""
+    """H×W uint8 class indices (0..2, more with `other` split), from raw values through `lut`."""
     with Image.open(sample.mask_path) as im:
         # Converting an RGB or 16-bit mask to 8-bit would silently invent label values.
         if im.mode not in ("L", "P"):
@@ -154,11 +184,16 @@ def read_mask(sample: Sample, lut: np.ndarray) -> np.ndarray:
 
 
 def preload(
-    dataset: Dataset, indices: Sequence[int] | None = None
+    dataset: Dataset, indices: Sequence[int] | None = None, *, split_other: bool = False
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every (image, mask) pair in memory: the real set is ~110 images, ~170 MB decoded."""
+    """Every (image, mask) pair in memory: the real set is ~110 images, ~170 MB decoded.
+
+    ``split_other``: masks hold training targets with `other` split by raw value
+    (``DatasetConfig.label_lut``), for a net with ``other_outputs`` > 1.
+    """
     chosen = range(len(dataset)) if indices is None else indices
-    return [dataset.read_pair(dataset.samples[i]) for i in chosen]
+    lut = dataset.config.label_lut(split_other=split_other)
+    return [dataset.read_pair(dataset.samples[i], lut) for i in chosen]
 
 
 def kfold_by_sample(

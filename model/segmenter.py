@@ -35,10 +35,12 @@ class Segmenter:
     Works on its own inference copy of the model (batch norm folded into the convolutions), so
     later changes to ``model``'s weights are not seen; build a new Segmenter after training.
     ``scale`` maps uint8 pixels to the network's input range (the checkpoint's normalisation).
-    ``class_weights``: the weights of a class-weighted training loss, to divide back out. Such a
-    loss trains the net to output p(c | x)·w_c (normalised), which favours rare classes: right for
-    the paper's mean per-class accuracy, but a scan is mostly bare substrate and wants the plain
-    posterior, or every unsure patch of oxide becomes a monolayer.
+    ``class_weights``: the weights of a class-weighted training loss (one per network output),
+    to divide back out. Such a loss trains the net to output p(c | x)·w_c (normalised), which
+    favours rare classes: right for the paper's mean per-class accuracy, but a scan is mostly
+    bare substrate and wants the plain posterior, or every unsure patch of oxide becomes a
+    monolayer. A net that learnt parts of `other` apart (``UNetConfig.other_outputs``) has their
+    probabilities summed into `other`, after the weights are divided out.
     ``amp`` (autocast) defaults to on for CUDA — bf16 where supported, else fp16 — and is refused
     on the CPU, where it would change results for little gain.
     """
@@ -84,9 +86,10 @@ class Segmenter:
         self._class_weights: torch.Tensor | None = None
         if class_weights is not None:
             w = torch.as_tensor(list(class_weights), dtype=torch.float32)
-            if w.shape != (config.classes,) or not bool((w > 0).all()):
+            if w.shape != (config.outputs,) or not bool((w > 0).all()):
                 raise ValueError(
-                    f"class_weights must be {config.classes} positive numbers, got {list(w)}"
+                    f"class_weights must be {config.outputs} positive numbers (one per network "
+                    f"output), got {list(w)}"
                 )
             self._class_weights = w.view(1, -1, 1, 1).to(self.device)
         self.checkpoint: Checkpoint | None = None
@@ -210,6 +213,10 @@ class Segmenter:
         if self._class_weights is not None:
             p = p / self._class_weights
             p = p / p.sum(dim=1, keepdim=True)
+        classes = self.config.classes
+        if p.shape[1] > classes:  # the parts of `other` learnt apart (UNetConfig.other_outputs)
+            other = p[:, :1] + p[:, classes:].sum(dim=1, keepdim=True)
+            p = torch.cat([other, p[:, 1:classes]], dim=1)
         return p
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,9 @@ class TrainConfig(BaseModel):
     device: str = "auto"
     #: bf16/fp16 autocast on CUDA; ignored on CPU
     amp: bool = True
+    #: learn each raw mask value a dataset maps to `other` as an output of its own (substrate,
+    #: thick flakes, ...), summed back into `other` at inference (UNetConfig.other_outputs)
+    split_other: bool = False
 
     @property
     def steps_per_epoch(self) -> int:
@@ -66,8 +69,9 @@ RECIPES: dict[str, TrainConfig] = {
     # A lab's own labelled images on a CPU: raw colour beside contrast, and a cosine rate so
     # the last epochs settle (constant 1e-3 swung a fold by +-0.05 from epoch to epoch).
     # 40 epochs, not 25: +0.03-0.04 mean per-class accuracy on each real-set fold (~8 min a
-    # fold of 73 images on a 2-core CPU).
-    "lab": TrainConfig(preset="small-lab", epochs=40, lr_schedule="cosine"),
+    # fold of 73 images on a 2-core CPU). Thick flakes learnt apart from the substrate (see
+    # split_other): real-set CV SPLIT_OTHER_FIGURES.
+    "lab": TrainConfig(preset="small-lab", epochs=40, lr_schedule="cosine", split_other=True),
 }
 
 
@@ -93,10 +97,13 @@ def train(
     validate: Callable[[UNet], dict[str, float]] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
+    other_outputs: int = 1,
 ) -> tuple[UNet, list[EpochReport], np.ndarray | None]:
-    """Train on (image uint8 H×W×3, mask 0..2) pairs; returns the model, reports, class weights.
+    """Train on (image uint8 H×W×3, mask of class indices) pairs; returns the model, reports,
+    and the class weights (one per network output).
 
-    Pass `model` to fine-tune (e.g. from `--init`); otherwise a fresh `config.preset` U-Net.
+    Pass `model` to fine-tune (e.g. from `--init`); otherwise a fresh `config.preset` U-Net
+    with `other_outputs` outputs for `other` (masks from ``preload(..., split_other=True)``).
     """
     if not pairs:
         raise ValueError("no training images")
@@ -105,11 +112,23 @@ def train(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = resolve_device(config.device)
-    model = (model or build_unet(PRESETS[config.preset])).to(device)
+    if model is None:
+        model = build_unet(
+            PRESETS[config.preset].model_copy(update={"other_outputs": other_outputs})
+        )
+    model = model.to(device)
+    outputs = model.config.outputs
+    top = max((int(m.max()) for _, m in pairs if m.size), default=0)
+    if top >= outputs:
+        raise ValueError(
+            f"masks hold class index {top} but the net has {outputs} outputs: masks with `other` "
+            f"split by raw value need a net with other_outputs set (train split_other)"
+        )
     weights = None
     if config.loss == "weighted":
-        weights = median_frequency_weights(m for _, m in pairs)
-        log.info("train.class_weights", other=weights[0], monolayer=weights[1], bilayer=weights[2])
+        weights = median_frequency_weights((m for _, m in pairs), n_classes=outputs)
+        names = ["other", "monolayer", "bilayer"] + [f"other_{k}" for k in range(2, outputs - 1)]
+        log.info("train.class_weights", **dict(zip(names, map(float, weights), strict=False)))
     loss_fn = make_loss(config.loss, weights).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
     steps = config.steps_per_epoch

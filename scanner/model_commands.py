@@ -16,6 +16,13 @@ if TYPE_CHECKING:  # torch loads only when a model command runs
     from model.train import TrainConfig
 
 
+SPLIT_OTHER = typer.Option(
+    "--split-other/--no-split-other",
+    help="Learn each raw mask value mapped to `other` (substrate, thick flakes) as an output of "
+    "its own, summed back at inference (default: the recipe's; lab does).",
+)
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -72,6 +79,7 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
     init: Annotated[Path | None, typer.Option(help="Checkpoint to fine-tune from.")] = None,
     val: Annotated[Path | None, typer.Option(help="Dataset folder scored every epoch.")] = None,
+    split_other: Annotated[bool | None, SPLIT_OTHER] = None,
 ) -> None:
     """Train the U-Net on dataset folders and write a checkpoint with its config."""
     from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -94,11 +102,11 @@ def train(
         augment=augment,
         seed=seed,
         device=device,
+        split_other=split_other,
     )
     if out.exists():
         raise fail(f"{out} exists; choose a new checkpoint path (nothing is overwritten)")
     datasets = [_load(d) for d in data]
-    pairs = [p for ds in datasets for p in preload(ds)]
     model = None
     if init is not None:
         try:
@@ -106,13 +114,28 @@ def train(
         except CheckpointError as e:
             raise fail(str(e)) from None
         # Fine-tuning keeps the checkpoint's net, whatever the recipe's preset; say which.
-        net = next((name for name, c in PRESETS.items() if c == model.config), "from --init")
+        base_net = model.config.model_copy(update={"other_outputs": 1})
+        net = next((name for name, c in PRESETS.items() if c == base_net), "from --init")
         if preset is not None and preset != net:
             raise fail(
                 f"--preset {preset} does not match the net in {init} ({net}); fine-tuning keeps "
                 "that net, so leave --preset out"
             )
-        cfg = cfg.model_copy(update={"preset": net})
+        # Its outputs are fixed too: split `other` only where the checkpoint's net does.
+        split = model.config.other_outputs > 1
+        if split_other is not None and split_other != split:
+            raise fail(
+                f"the net in {init} has {model.config.other_outputs} output(s) for `other`; "
+                f"fine-tuning keeps that, so leave --split-other/--no-split-other out"
+            )
+        cfg = cfg.model_copy(update={"preset": net, "split_other": split})
+    pairs = [p for ds in datasets for p in preload(ds, split_other=cfg.split_other)]
+    other_outputs = max(ds.config.other_outputs for ds in datasets) if cfg.split_other else 1
+    if model is not None and other_outputs > model.config.other_outputs:
+        raise fail(
+            f"the data map {other_outputs} raw values to `other` but the net in {init} learnt "
+            f"{model.config.other_outputs}; fine-tune it on data labelled the same way"
+        )
     val_set = _load(val) if val else None
 
     def validate(m):
@@ -128,6 +151,7 @@ def train(
             pairs,
             cfg,
             model=model,
+            other_outputs=other_outputs,
             validate=validate if val_set else None,
             on_step=lambda _s, loss_value: bar.update(
                 task, advance=1, status=f"loss {loss_value:.3f}"
@@ -234,11 +258,19 @@ def cv(
     lr_schedule: Annotated[str | None, typer.Option(help="constant or cosine.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
+    split_other: Annotated[bool | None, SPLIT_OTHER] = None,
 ) -> None:
     """k-fold cross-validation split by sample; --table1 runs the paper's grid."""
     from model.cv import TABLE1_AUGMENTS, TABLE1_LOSSES, cross_validate
 
-    base = _train_config(recipe, preset=preset, epochs=epochs, lr_schedule=lr_schedule, seed=seed)
+    base = _train_config(
+        recipe,
+        preset=preset,
+        epochs=epochs,
+        lr_schedule=lr_schedule,
+        seed=seed,
+        split_other=split_other,
+    )
     augments = TABLE1_AUGMENTS if table1 else tuple(augment or (base.augment,))
     losses = TABLE1_LOSSES if table1 else tuple(loss or (base.loss,))
     dataset = _load(data)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from model.cv import cross_validate, subset_by_sample
@@ -77,13 +78,27 @@ def test_subset_takes_whole_samples(folder) -> None:
     assert len(odd) == 4 and all(odd_ids.count(i) == 2 for i in set(odd_ids))
 
 
-def test_cross_validation_scores_every_fold(folder) -> None:
+@pytest.mark.parametrize("split_other", [False, True])
+def test_cross_validation_scores_every_fold(folder, split_other: bool) -> None:
+    """With split_other the nets learn raw 3 apart and are still scored on the three classes."""
     ds = load_dataset(folder)
     cfg = TrainConfig(
-        preset="tiny", epochs=1, samples_per_epoch=4, crop=32, batch_size=2, augment="none"
+        preset="tiny",
+        epochs=1,
+        samples_per_epoch=4,
+        crop=32,
+        batch_size=2,
+        augment="none",
+        split_other=split_other,
     )
-    results = cross_validate(ds, cfg, augments=("none", "contrast"), losses=("ce",), folds=3)
-    assert [(r.augment, r.loss) for r in results] == [("none", "ce"), ("contrast", "ce")]
+    with capture_logs() as logs:
+        results = cross_validate(ds, cfg, augments=("none", "contrast"), folds=3)
+    weighted = [e for e in logs if e["event"] == "train.class_weights"]
+    assert len(weighted) == 6 and all(("other_2" in e) == split_other for e in weighted)
+    assert [(r.augment, r.loss) for r in results] == [
+        ("none", "weighted"),
+        ("contrast", "weighted"),
+    ]
     for r in results:
         assert len(r.folds) == 3
         assert sum(s.n_images for s in r.folds) == 6  # every image validated exactly once
@@ -161,6 +176,9 @@ def test_lab_recipe_trains_a_colour_aware_net_on_a_cosine_schedule(folder, tmp_p
     meta = torch.load(ckpt, weights_only=True)["meta"]
     assert meta["config"]["input_raw"] and meta["config"]["input_contrast"]
     assert meta["training"]["config"]["lr_schedule"] == "cosine"
+    # raw 3 ("other": thick) is learnt apart from the substrate: one weight per output
+    assert meta["config"]["other_outputs"] == 2
+    assert len(meta["training"]["class_weights"]) == 4
     segmenter = Segmenter.from_checkpoint(ckpt, device="cpu")
     probs, labels = segmenter.predict(np.zeros((1, 70, 90, 3), np.uint8))
     assert probs.shape == (1, 3, 70, 90) and labels.shape == (1, 70, 90)
@@ -174,10 +192,21 @@ def test_lab_recipe_trains_a_colour_aware_net_on_a_cosine_schedule(folder, tmp_p
     assert torch.load(tuned, weights_only=True)["meta"]["training"]["config"]["preset"] == (
         "small-lab"
     )
+    tuned_meta = torch.load(tuned, weights_only=True)["meta"]
+    assert tuned_meta["config"]["other_outputs"] == 2
+    assert len(tuned_meta["training"]["class_weights"]) == 4
     clash_args = ["train", "--data", str(folder), "--out", str(tmp_path / "x.pt")]
     clash = runner.invoke(app, [*clash_args, "--init", str(ckpt), "--preset", "tiny", *short])
     assert clash.exit_code == 2 and "does not match" in clash.output, clash.output
+    clash = runner.invoke(app, [*clash_args, "--init", str(ckpt), "--no-split-other", *short])
+    assert clash.exit_code == 2 and "output(s) for `other`" in clash.output, clash.output
     assert not (tmp_path / "x.pt").exists()
+    # Without the split (--no-split-other) the net has the three outputs, and a fine-tune of
+    # it keeps them.
+    plain = tmp_path / "plain.pt"
+    result = runner.invoke(app, [*args[:4], str(plain), *args[5:], "--no-split-other"])
+    assert result.exit_code == 0, result.output
+    assert torch.load(plain, weights_only=True)["meta"]["config"]["other_outputs"] == 1
 
 
 @pytest.mark.parametrize(

@@ -208,3 +208,22 @@ def test_real_set_stems_and_folds() -> None:
         assert 30 <= len(val) <= 42  # 109 images / 3, within one sample (≤ 6)
     mask = data.read_mask(data.samples[0])
     assert mask.max() <= 2
+
+
+def test_split_other_gives_each_raw_value_of_other_its_own_target(tmp_path: Path) -> None:
+    labels = {0: "other", 1: "monolayer", 2: "bilayer", 3: "other", 7: "other"}
+    raw = np.array([[0, 1, 2, 3], [7, 3, 0, 1]], np.uint8)
+    data = load_dataset(write_folder(tmp_path / "ds", {"a-1_1": raw}, label_values=labels))
+    assert data.config.other_values == [0, 3, 7] and data.config.other_outputs == 3
+    ((_, plain),) = preload(data)
+    ((_, split),) = preload(data, split_other=True)
+    np.testing.assert_array_equal(plain, [[0, 1, 2, 0], [0, 0, 0, 1]])
+    # the lowest raw value of `other` stays 0; the next ones follow the three classes
+    np.testing.assert_array_equal(split, [[0, 1, 2, 3], [4, 3, 0, 1]])
+    three = load_dataset(
+        write_folder(
+            tmp_path / "three", {"b-1_1": raw % 3}, label_values=dict(enumerate(CLASS_NAMES))
+        )
+    )
+    assert three.config.other_outputs == 1
+    np.testing.assert_array_equal(preload(three, split_other=True)[0][1], raw % 3)

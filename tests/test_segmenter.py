@@ -221,6 +221,33 @@ def test_fold_for_inference_rewrites_up_convolutions_exactly(batch_norm: bool) -
         torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_split_other_outputs_are_summed_into_other() -> None:
+    torch.manual_seed(0)
+    model = build_unet(UNetConfig(width=4, depth=2, other_outputs=3)).eval()
+    assert model.head.out_channels == 5 and model.config.classes == 3
+    tiles = _images(2, 512, 512)  # whole windows: the net sees exactly these pixels
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        raw = torch.softmax(model(x) * 20, 1).numpy()  # sharpened: well-separated classes
+    model.head.weight.data *= 20
+    model.head.bias.data *= 20
+
+    def merged(p: np.ndarray) -> np.ndarray:
+        return np.stack([p[:, 0] + p[:, 3] + p[:, 4], p[:, 1], p[:, 2]], 1)
+
+    probs, labels = Segmenter(model).predict(tiles)
+    np.testing.assert_allclose(probs, merged(raw), atol=1e-4)
+    assert (labels == merged(raw).argmax(1)).mean() > 0.999
+    assert (labels == 0).any() and (raw.argmax(1) >= 3).any()  # the sum decides some pixels
+    # The plain posterior divides one weight per output out before the parts are summed.
+    w = np.array([0.5, 1.0, 4.0, 2.0, 3.0])
+    plain, _ = Segmenter(model, class_weights=w).predict(tiles)
+    q = raw / w[None, :, None, None]
+    np.testing.assert_allclose(plain, merged(q / q.sum(1, keepdims=True)), atol=1e-4)
+    with pytest.raises(ValueError, match="5 positive numbers"):
+        Segmenter(model, class_weights=[1.0, 1.0, 1.0])
+
+
 def test_model_package_imports_no_hardware_code() -> None:
     code = (
         "import sys, model.unet, model.checkpoint, model.segmenter\n"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.segmenter import Segmenter
 from model.train import RECIPES, TrainConfig, train
 from model.unet import PRESETS, build_unet
 
@@ -114,3 +115,27 @@ def test_paper_recipe_is_the_papers() -> None:
         960,
     )
     assert paper.loss == "weighted" and paper.preset == "paper"
+
+
+def test_split_other_learns_thick_flakes_as_an_output_of_their_own() -> None:
+    """Masks from preload(split_other=True): class 3 is a second kind of `other` (thick
+    flakes). The net learns it as its own output, and the Segmenter reports it as `other`."""
+    pairs = []
+    for img, mask in _toy_pairs():
+        mask, img = mask.copy(), img.copy()
+        mask[60:75, 45:75] = 3
+        img[mask == 3] = (70, 40, 110)  # dark violet: thick MoS2
+        pairs.append((img, mask))
+    cfg = CFG.model_copy(update={"epochs": 20})
+    model, _, weights = train(pairs, cfg, other_outputs=2)
+    assert model.config.other_outputs == 2 and model.head.out_channels == 4
+    assert weights is not None and len(weights) == 4
+    img, mask = pairs[0]
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        own = model.eval()(x).argmax(1)[0].numpy()
+    assert (own[mask == 3] == 3).mean() > 0.8
+    _, labels = Segmenter(model).predict(img)
+    assert (labels[mask == 3] == 0).mean() > 0.8
+    with pytest.raises(ValueError, match="other_outputs"):
+        train(pairs, cfg, model=build_unet(PRESETS["tiny"]))

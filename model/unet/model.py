@@ -49,6 +49,13 @@ class UNetConfig(BaseModel):
         "input_contrast): one lab's own camera and oxide make absolute colour worth learning",
     )
 
+    other_outputs: int = Field(
+        1,
+        ge=1,
+        description="outputs the net learns for `other`, one per raw mask value a dataset maps "
+        "to it (substrate, thick flakes, ...); the Segmenter sums their probabilities",
+    )
+
     @model_validator(mode="after")
     def _raw_needs_contrast(self) -> UNetConfig:
         if self.input_raw and not self.input_contrast:
@@ -59,6 +66,12 @@ class UNetConfig(BaseModel):
     def input_planes(self) -> int:
         """Planes the first convolution sees: contrast and raw pixels side by side, or one."""
         return self.in_channels * (2 if self.input_contrast and self.input_raw else 1)
+
+    @property
+    def outputs(self) -> int:
+        """Channels of the last convolution: the classes, with `other` split in other_outputs.
+        Output 0 is the first part of `other`, 1.. the other classes, then the rest of `other`."""
+        return self.classes + self.other_outputs - 1
 
     @property
     def multiple(self) -> int:
@@ -142,7 +155,8 @@ class DecoderBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """N×in_channels×H×W floats in 0..1 -> N×classes×H×W logits.
+    """N×in_channels×H×W floats in 0..1 -> N×outputs×H×W logits (outputs = classes unless
+    `other` is split; see UNetConfig.outputs).
 
     The output is logits, not the paper's softmax: the loss (cross-entropy on logits) and the
     Segmenter apply softmax themselves, which is numerically safer and lets autocast stay off it.
@@ -164,7 +178,7 @@ class UNet(nn.Module):
             )
             for k, i in enumerate(reversed(range(config.depth)))
         )
-        self.head = nn.Conv2d(ch[0], config.classes, kernel_size=1)
+        self.head = nn.Conv2d(ch[0], config.outputs, kernel_size=1)
         self._init_weights()
 
     def _init_weights(self) -> None:
