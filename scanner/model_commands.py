@@ -107,10 +107,10 @@ def train(
     if out.exists():
         raise fail(f"{out} exists; choose a new checkpoint path (nothing is overwritten)")
     datasets = [_load(d) for d in data]
-    model = None
+    model, init_values = None, None
     if init is not None:
         try:
-            model, _ = load_checkpoint(init)
+            model, init_meta = load_checkpoint(init)
         except CheckpointError as e:
             raise fail(str(e)) from None
         # Fine-tuning keeps the checkpoint's net, whatever the recipe's preset; say which.
@@ -129,11 +129,17 @@ def train(
                 f"fine-tuning keeps that, so leave --split-other/--no-split-other out"
             )
         cfg = cfg.model_copy(update={"preset": net, "split_other": split})
+        init_values = init_meta.training.get("other_values")
+    other_values = None
+    if cfg.split_other:
+        other_values = _same_other_values(datasets, init, init_values)
+        # Data with one raw value for `other` has nothing to split: record what was done.
+        cfg = cfg.model_copy(update={"split_other": len(other_values) > 1})
     pairs = [p for ds in datasets for p in preload(ds, split_other=cfg.split_other)]
-    other_outputs = max(ds.config.other_outputs for ds in datasets) if cfg.split_other else 1
-    if model is not None and other_outputs > model.config.other_outputs:
+    other_outputs = len(other_values) if cfg.split_other and other_values else 1
+    if model is not None and other_outputs > 1 and other_outputs != model.config.other_outputs:
         raise fail(
-            f"the data map {other_outputs} raw values to `other` but the net in {init} learnt "
+            f"the data map {other_outputs} raw value(s) to `other` but the net in {init} learnt "
             f"{model.config.other_outputs}; fine-tune it on data labelled the same way"
         )
     val_set = _load(val) if val else None
@@ -175,10 +181,32 @@ def train(
         "config": cfg.model_dump(),
         "init": str(init) if init else None,
         "class_weights": None if weights is None else [float(w) for w in weights],
+        # the raw mask values behind output 0 and the outputs after the three classes
+        "other_values": other_values if cfg.split_other else None,
         "history": [{"epoch": r.epoch, "loss": r.train_loss, **r.val} for r in reports],
     }
     save_checkpoint(out, model, model.config, training=provenance)
     console.print(f"wrote [bold]{out}[/]")
+
+
+def _same_other_values(datasets, init: Path | None, init_values: list[int] | None) -> list[int]:
+    """The raw values every dataset (and the --init net, where it recorded them) maps to
+    `other`: a split net's outputs stand for those values, so they must mean the same in all."""
+    found = {tuple(ds.config.other_values) for ds in datasets}
+    if len(found) > 1:
+        listed = "; ".join(f"{ds.root}: {ds.config.other_values}" for ds in datasets)
+        raise fail(
+            f"the --data folders map different raw values to `other` ({listed}); a net that "
+            "learns each apart needs them labelled alike: relabel, or pass --no-split-other"
+        )
+    values = list(found.pop())
+    # Data with one raw value for `other` has only targets every net has (0, 1, 2).
+    if init_values is not None and len(values) > 1 and list(init_values) != values:
+        raise fail(
+            f"the net in {init} learnt `other` as raw values {list(init_values)}, the data map "
+            f"{values} to it; fine-tune it on data labelled the same way"
+        )
+    return values
 
 
 def evaluate(

@@ -216,3 +216,52 @@ def test_lab_recipe_trains_a_colour_aware_net_on_a_cosine_schedule(folder, tmp_p
 def test_cv_refuses_an_unknown_recipe_or_schedule(folder, extra, message) -> None:
     result = CliRunner().invoke(app, ["cv", "--data", str(folder), *extra])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def _relabelled(folder, out, raw_other: int | None):
+    """A copy of `folder` whose thick label (raw 3) becomes `raw_other`, or substrate if None."""
+    (out / "images").mkdir(parents=True)
+    (out / "masks").mkdir()
+    labels = {0: "other", 1: "monolayer", 2: "bilayer"}
+    if raw_other is not None:
+        labels[raw_other] = "other"
+    for image in (folder / "images").iterdir():
+        (out / "images" / image.name).write_bytes(image.read_bytes())
+        mask = np.array(Image.open(folder / "masks" / image.name))
+        mask[mask == 3] = 0 if raw_other is None else raw_other
+        Image.fromarray(mask).save(out / "masks" / image.name)
+    (out / "dataset.yaml").write_text(yaml.safe_dump({"label_values": labels}))
+    return out
+
+
+def test_split_other_needs_data_labelled_alike_and_fine_tunes_on_plain_labels(
+    folder, tmp_path
+) -> None:
+    runner = CliRunner()
+    short = ["--epochs", "1", "--samples-per-epoch", "4", "--crop", "32", "--augment", "none"]
+    four = _relabelled(folder, tmp_path / "four", 4)
+    mixed = ["train", "--data", str(folder), "--data", str(four), "--recipe", "lab", *short]
+    result = runner.invoke(app, [*mixed, "--out", str(tmp_path / "mixed.pt")])
+    assert result.exit_code == 2 and "different raw values" in result.output, result.output
+    assert not (tmp_path / "mixed.pt").exists()
+
+    lab = tmp_path / "lab.pt"
+    args = ["train", "--data", str(folder), "--recipe", "lab", "--out", str(lab), *short]
+    assert runner.invoke(app, args).exit_code == 0
+    assert torch.load(lab, weights_only=True)["meta"]["training"]["other_values"] == [0, 3]
+    # The split net learnt raw 3 apart; data calling thick material 4 would teach it otherwise.
+    relabel = ["train", "--data", str(four), "--init", str(lab), *short]
+    result = runner.invoke(app, [*relabel, "--out", str(tmp_path / "four.pt")])
+    assert result.exit_code == 2 and "raw values [0, 3]" in result.output, result.output
+    # A lab's labels without thick: the thick output gets no targets (weight 0), and the
+    # plain posterior, which scans use, still divides the weights out.
+    plain = _relabelled(folder, tmp_path / "plain", None)
+    tuned = tmp_path / "tuned.pt"
+    args = ["train", "--data", str(plain), "--init", str(lab), "--out", str(tuned), *short]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    weights = torch.load(tuned, weights_only=True)["meta"]["training"]["class_weights"]
+    assert len(weights) == 4 and weights[3] == 0
+    segmenter = Segmenter.from_checkpoint(tuned, device="cpu", plain_posterior=True)
+    probs, _ = segmenter.predict(np.zeros((64, 64, 3), np.uint8))
+    np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)

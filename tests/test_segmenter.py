@@ -244,8 +244,13 @@ def test_split_other_outputs_are_summed_into_other() -> None:
     plain, _ = Segmenter(model, class_weights=w).predict(tiles)
     q = raw / w[None, :, None, None]
     np.testing.assert_allclose(plain, merged(q / q.sum(1, keepdims=True)), atol=1e-4)
-    with pytest.raises(ValueError, match="5 positive numbers"):
-        Segmenter(model, class_weights=[1.0, 1.0, 1.0])
+    # 0: an output absent from the training masks, never weighted: nothing to divide out.
+    absent, _ = Segmenter(model, class_weights=[0.5, 1.0, 4.0, 0.0, 3.0]).predict(tiles)
+    q = raw / np.array([0.5, 1.0, 4.0, 1.0, 3.0])[None, :, None, None]
+    np.testing.assert_allclose(absent, merged(q / q.sum(1, keepdims=True)), atol=1e-4)
+    for bad in ([1.0, 1.0, 1.0], [0.0] * 5, [1.0, -1.0, 1.0, 1.0, 1.0]):
+        with pytest.raises(ValueError, match="5 non-negative numbers"):
+            Segmenter(model, class_weights=bad)
 
 
 def test_model_package_imports_no_hardware_code() -> None:
@@ -282,5 +287,5 @@ def test_plain_posterior_divides_out_the_training_class_weights(tmp_path) -> Non
         tmp_path / "plain.pt", window=64, overlap=16, plain_posterior=True
     )
     np.testing.assert_array_equal(same.predict(images)[0], trained)
-    with pytest.raises(ValueError, match="class_weights must be 3 positive"):
-        Segmenter(model, class_weights=[1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="class_weights must be 3 non-negative"):
+        Segmenter(model, class_weights=[1.0, -1.0, 1.0])
