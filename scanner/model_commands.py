@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # torch loads only when a model command runs
 SPLIT_OTHER = typer.Option(
     "--split-other/--no-split-other",
     help="Learn each raw mask value mapped to `other` (substrate, thick flakes) as an output of "
-    "its own, summed back at inference (default: the recipe's; lab does).",
+    "its own, summed back at inference (default: off; README, cross-validated results).",
 )
 
 

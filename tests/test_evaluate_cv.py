@@ -176,9 +176,9 @@ def test_lab_recipe_trains_a_colour_aware_net_on_a_cosine_schedule(folder, tmp_p
     meta = torch.load(ckpt, weights_only=True)["meta"]
     assert meta["config"]["input_raw"] and meta["config"]["input_contrast"]
     assert meta["training"]["config"]["lr_schedule"] == "cosine"
-    # raw 3 ("other": thick) is learnt apart from the substrate: one weight per output
-    assert meta["config"]["other_outputs"] == 2
-    assert len(meta["training"]["class_weights"]) == 4
+    # split other is opt-in: raw 3 ("other": thick) is learnt with the substrate
+    assert meta["config"]["other_outputs"] == 1
+    assert len(meta["training"]["class_weights"]) == 3
     segmenter = Segmenter.from_checkpoint(ckpt, device="cpu")
     probs, labels = segmenter.predict(np.zeros((1, 70, 90, 3), np.uint8))
     assert probs.shape == (1, 3, 70, 90) and labels.shape == (1, 70, 90)
@@ -192,21 +192,25 @@ def test_lab_recipe_trains_a_colour_aware_net_on_a_cosine_schedule(folder, tmp_p
     assert torch.load(tuned, weights_only=True)["meta"]["training"]["config"]["preset"] == (
         "small-lab"
     )
-    tuned_meta = torch.load(tuned, weights_only=True)["meta"]
-    assert tuned_meta["config"]["other_outputs"] == 2
-    assert len(tuned_meta["training"]["class_weights"]) == 4
     clash_args = ["train", "--data", str(folder), "--out", str(tmp_path / "x.pt")]
     clash = runner.invoke(app, [*clash_args, "--init", str(ckpt), "--preset", "tiny", *short])
     assert clash.exit_code == 2 and "does not match" in clash.output, clash.output
-    clash = runner.invoke(app, [*clash_args, "--init", str(ckpt), "--no-split-other", *short])
+    # With --split-other raw 3 gets an output and a weight of its own; fine-tuning keeps them
+    # and refuses to drop them.
+    split = tmp_path / "split.pt"
+    result = runner.invoke(app, [*args[:4], str(split), *args[5:], "--split-other"])
+    assert result.exit_code == 0, result.output
+    split_meta = torch.load(split, weights_only=True)["meta"]
+    assert split_meta["config"]["other_outputs"] == 2
+    assert len(split_meta["training"]["class_weights"]) == 4
+    tuned_split = tmp_path / "tuned-split.pt"
+    init_split = ["train", "--data", str(folder), "--init", str(split), *short]
+    result = runner.invoke(app, [*init_split, "--out", str(tuned_split)])
+    assert result.exit_code == 0, result.output
+    assert torch.load(tuned_split, weights_only=True)["meta"]["config"]["other_outputs"] == 2
+    clash = runner.invoke(app, [*clash_args, "--init", str(split), "--no-split-other", *short])
     assert clash.exit_code == 2 and "output(s) for `other`" in clash.output, clash.output
     assert not (tmp_path / "x.pt").exists()
-    # Without the split (--no-split-other) the net has the three outputs, and a fine-tune of
-    # it keeps them.
-    plain = tmp_path / "plain.pt"
-    result = runner.invoke(app, [*args[:4], str(plain), *args[5:], "--no-split-other"])
-    assert result.exit_code == 0, result.output
-    assert torch.load(plain, weights_only=True)["meta"]["config"]["other_outputs"] == 1
 
 
 @pytest.mark.parametrize(
@@ -240,24 +244,25 @@ def test_split_other_needs_data_labelled_alike_and_fine_tunes_on_plain_labels(
     runner = CliRunner()
     short = ["--epochs", "1", "--samples-per-epoch", "4", "--crop", "32", "--augment", "none"]
     four = _relabelled(folder, tmp_path / "four", 4)
-    mixed = ["train", "--data", str(folder), "--data", str(four), "--recipe", "lab", *short]
+    lab = ["--recipe", "lab", "--split-other", *short]
+    mixed = ["train", "--data", str(folder), "--data", str(four), *lab]
     result = runner.invoke(app, [*mixed, "--out", str(tmp_path / "mixed.pt")])
     assert result.exit_code == 2 and "different raw values" in result.output, result.output
     assert not (tmp_path / "mixed.pt").exists()
 
-    lab = tmp_path / "lab.pt"
-    args = ["train", "--data", str(folder), "--recipe", "lab", "--out", str(lab), *short]
+    split = tmp_path / "split.pt"
+    args = ["train", "--data", str(folder), "--out", str(split), *lab]
     assert runner.invoke(app, args).exit_code == 0
-    assert torch.load(lab, weights_only=True)["meta"]["training"]["other_values"] == [0, 3]
+    assert torch.load(split, weights_only=True)["meta"]["training"]["other_values"] == [0, 3]
     # The split net learnt raw 3 apart; data calling thick material 4 would teach it otherwise.
-    relabel = ["train", "--data", str(four), "--init", str(lab), *short]
+    relabel = ["train", "--data", str(four), "--init", str(split), *short]
     result = runner.invoke(app, [*relabel, "--out", str(tmp_path / "four.pt")])
     assert result.exit_code == 2 and "raw values [0, 3]" in result.output, result.output
     # A lab's labels without thick: the thick output gets no targets (weight 0), and the
     # plain posterior, which scans use, still divides the weights out.
     plain = _relabelled(folder, tmp_path / "plain", None)
     tuned = tmp_path / "tuned.pt"
-    args = ["train", "--data", str(plain), "--init", str(lab), "--out", str(tuned), *short]
+    args = ["train", "--data", str(plain), "--init", str(split), "--out", str(tuned), *short]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     weights = torch.load(tuned, weights_only=True)["meta"]["training"]["class_weights"]
