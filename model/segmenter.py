@@ -169,7 +169,7 @@ class Segmenter:
         and never hands them back to the system, so only results up to PINNED_MAX_BYTES (a
         scanner batch) are page-locked; one huge image must not pin its size for good.
         """
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         pinned = self.device.type == "cuda" and nbytes <= PINNED_MAX_BYTES
         return torch.empty(shape, dtype=dtype, pin_memory=pinned).numpy()
 

@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .augment import Augmenter, augment_set
+from .data import CLASS_NAMES
 from .losses import make_loss, median_frequency_weights
 from .unet import PRESETS, UNet, build_unet
 
@@ -131,7 +132,7 @@ def train(
     weights = None
     if config.loss == "weighted":
         weights = median_frequency_weights((m for _, m in pairs), n_classes=outputs)
-        names = ["other", "monolayer", "bilayer"] + [f"other_{k}" for k in range(2, outputs - 1)]
+        names = [*CLASS_NAMES, *(f"other_{k}" for k in range(2, outputs - 1))]
         log.info("train.class_weights", **dict(zip(names, map(float, weights), strict=False)))
     loss_fn = make_loss(config.loss, weights).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)

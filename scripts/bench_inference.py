@@ -22,10 +22,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from model.segmenter import Segmenter, fold_for_inference
-from model.unet import PRESETS, build_unet, gflops_per_tile
+from model.unet import PRESETS, build_unet, count_gflops, gflops_per_tile
 
 TILE = 512
 # Dense bf16 tensor-core peaks, TFLOP/s, by a substring of the device name; first match wins.
@@ -70,11 +69,7 @@ def folded_gflops(preset: str) -> float:
     as transposed convolutions, 9/16 of their arithmetic), counted on the meta device."""
     with torch.device("meta"):
         model = fold_for_inference(build_unet(PRESETS[preset]))
-        x = torch.empty(1, model.config.in_channels, TILE, TILE)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() / 1e9
+    return count_gflops(model, TILE)
 
 
 def peak_tflops(name: str) -> float | None:

@@ -9,6 +9,7 @@ from model.unet.model import (
     UpConv,
     build_unet,
     check_input_size,
+    count_gflops,
     gflops_per_tile,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "UpConv",
     "build_unet",
     "check_input_size",
+    "count_gflops",
     "gflops_per_tile",
 ]

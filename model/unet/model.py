@@ -252,7 +252,14 @@ def gflops_per_tile(config: UNetConfig | str, size: int = 512) -> float:
     # Counting on the meta device costs no memory and no arithmetic, even for the paper net.
     with torch.device("meta"):
         model = build_unet(config).eval()
-        x = torch.empty(1, model.config.in_channels, size, size)
+    return count_gflops(model, size)
+
+
+def count_gflops(model: UNet | nn.Module, size: int = 512) -> float:
+    """GFLOP of one forward pass of ``model`` (any net with a UNetConfig, e.g. an inference
+    copy) on one size×size tile, on the device its weights are on (meta: free)."""
+    device = next(model.parameters()).device
+    x = torch.empty(1, model.config.in_channels, size, size, device=device)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x)
@@ -265,5 +272,6 @@ __all__ = [
     "UNetConfig",
     "build_unet",
     "check_input_size",
+    "count_gflops",
     "gflops_per_tile",
 ]
