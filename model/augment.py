@@ -15,7 +15,9 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
-Photometric = Literal["grayscale", "contrast", "color", "brightness", "blur", "noise"]
+Photometric = Literal[
+    "grayscale", "contrast", "color", "brightness", "blur", "noise", "layer_colour"
+]
 
 AUGMENT_SETS: dict[str, tuple[Photometric, ...]] = {
     "none": (),
@@ -28,6 +30,10 @@ AUGMENT_SETS: dict[str, tuple[Photometric, ...]] = {
     # 0.6-1.8 turns a monolayer's contrast into a bilayer's. For synthetic tiles whose look is
     # already randomised in the optics, this keeps the layer signal intact.
     "look": ("color", "brightness", "blur", "noise"),
+    # `look` plus each layer's colour redrawn from its mask (see `layer_colour`): for synthetic
+    # tiles, whose masks are exact, so that a model does not learn one simulated camera's
+    # colours of a monolayer and a bilayer.
+    "synthetic": ("layer_colour", "color", "brightness", "blur", "noise"),
 }
 
 
@@ -58,7 +64,10 @@ class Augmenter:
         out = image.astype(np.float32) / 255.0
         for name in self.photometric:
             if self.rng.random() < self.p:
-                out = _PHOTOMETRIC[name](out, self.rng)
+                if name == "layer_colour":
+                    out = layer_colour(out, mask, self.rng)
+                else:
+                    out = _PHOTOMETRIC[name](out, self.rng)
         return np.clip(out, 0.0, 1.0), np.ascontiguousarray(mask)
 
 
@@ -103,6 +112,52 @@ def blur(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def noise(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img + rng.normal(0, rng.uniform(0.005, 0.04), size=img.shape).astype(np.float32)
+
+
+#: per-layer draws of layer_colour: the red contrast's scale, shared by the layers (so
+#: monolayer stays fainter than bilayer in red, as in every micrograph), and each layer's own
+#: jitter of it; green and blue become alpha * red + beta * itself, alpha and beta per layer
+LAYER_RED_SCALE = (0.5, 1.6)
+LAYER_RED_JITTER = (0.8, 1.25)
+LAYER_ALPHA = (-0.2, 0.9)
+LAYER_BETA = (0.2, 1.3)
+LAYER_CLASSES = (1, 2)
+
+
+def layer_colour(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Redraw each thin layer's optical contrast per channel; the substrate is left as it is.
+
+    A micrograph's layer colours depend on oxide, lamp and camera response: in the real set a
+    monolayer's red contrast ranges 0.04-0.21 from image to image and its blue contrast may sit
+    above or below the bilayer's, while a simulated camera shows one fixed relation. Only the
+    order in red (monolayer fainter than bilayer) holds everywhere, so that is kept and the
+    rest is randomised: a model trained this way reads layers from red contrast and the flake's
+    structure, not from one camera's colours. Each layer's median contrast against the
+    substrate's median is moved to its new value as one shift per layer, spread through the
+    mask blurred by 1 px so that flake edges stay as soft as the optics made them, and each
+    pixel keeps its own texture and noise.
+    """
+    substrate = mask == 0
+    if substrate.sum() < 64:
+        return img  # no substrate in view: nothing to measure contrast against
+    ref = np.median(img[substrate], axis=0)
+    if np.any(ref <= 1e-3):
+        return img
+    red_scale = rng.uniform(*LAYER_RED_SCALE)
+    out = img.copy()
+    for cls in LAYER_CLASSES:
+        where = mask == cls
+        if where.sum() < 16:
+            continue
+        c = np.median(img[where], axis=0) / ref - 1
+        red = c[0] * red_scale * rng.uniform(*LAYER_RED_JITTER)
+        alpha = rng.uniform(*LAYER_ALPHA, size=2)
+        beta = rng.uniform(*LAYER_BETA, size=2)
+        target = np.array([red, *(alpha * red + beta * c[1:] * red_scale)], dtype=np.float32)
+        shift = ref * (target - c)
+        weight = ndimage.gaussian_filter(where.astype(np.float32), 1.0)
+        out += weight[..., None] * shift.astype(np.float32)
+    return out
 
 
 _PHOTOMETRIC = {

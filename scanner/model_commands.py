@@ -73,7 +73,10 @@ def train(
     ] = None,
     loss: Annotated[str | None, typer.Option(help="ce or weighted.")] = None,
     augment: Annotated[
-        str | None, typer.Option(help="none, grayscale, contrast, grayscale+contrast or full.")
+        str | None,
+        typer.Option(
+            help="none, grayscale, contrast, grayscale+contrast, full, look or synthetic."
+        ),
     ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,

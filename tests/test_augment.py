@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.augment import AUGMENT_SETS, Augmenter, augment_set, grayscale, random_crop
+from model.augment import (
+    AUGMENT_SETS,
+    Augmenter,
+    augment_set,
+    grayscale,
+    layer_colour,
+    random_crop,
+)
 
 
 def _pair(h: int = 40, w: int = 60) -> tuple[np.ndarray, np.ndarray]:
@@ -77,3 +84,43 @@ def test_look_set_keeps_the_optical_contrast_of_a_flake() -> None:
     stretched = [red_contrast(("contrast",), seed) for seed in range(5)]
     assert max(abs(c - truth) for c in stretched) > 0.01
     assert augment_set("look") == ("color", "brightness", "blur", "noise")
+
+
+def _layers_tile() -> tuple[np.ndarray, np.ndarray]:
+    """Substrate with a monolayer (red 10 % darker) holding a bilayer (red 20 % darker)."""
+    image = np.full((64, 64, 3), (150, 140, 200), np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    image[12:52, 12:52], mask[12:52, 12:52] = (135, 137, 190), 1
+    image[24:40, 24:40], mask[24:40, 24:40] = (120, 141, 184), 2
+    return image, mask
+
+
+def test_layer_colour_redraws_layers_and_keeps_red_order_and_substrate() -> None:
+    image, mask = _layers_tile()
+    ref = image[0, 0].astype(np.float32) / 255
+
+    def contrasts(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        aug = Augmenter(
+            crop=64, photometric=("layer_colour",), p=1.0, rng=np.random.default_rng(seed)
+        )
+        out, m = aug(image, mask)
+        far = out[m == 0][: 64 * 4]  # the first rows: substrate at least 4 px from any layer
+        c = [np.median(out[m == k], axis=0) / ref - 1 for k in (1, 2)]
+        return far, c[0], c[1]
+
+    draws = [contrasts(seed) for seed in range(40)]
+    for far, mono, bi in draws:
+        assert np.allclose(far, ref, atol=1e-6)  # the substrate is the reference: untouched
+        assert bi[0] < mono[0] < 0  # red: the bilayer stays darker than the monolayer
+    mono_red = [mono[0] for _, mono, _ in draws]
+    blue_order = [bi[2] < mono[2] for _, mono, bi in draws]
+    assert max(mono_red) - min(mono_red) > 0.06  # the red contrast's scale is drawn
+    assert 0 < sum(blue_order) < len(blue_order)  # blue's order between layers is not kept
+
+
+def test_layer_colour_needs_substrate_in_view() -> None:
+    image, mask = _layers_tile()
+    full = np.ones_like(mask)
+    x = image.astype(np.float32) / 255
+    assert np.array_equal(layer_colour(x, full, np.random.default_rng(0)), x)
+    assert augment_set("synthetic")[0] == "layer_colour"
