@@ -297,6 +297,27 @@ def test_input_contrast_makes_the_net_blind_to_lamp_and_exposure() -> None:
     assert torch.isfinite(optical_contrast(torch.zeros(1, 3, 8, 8))).all()  # a black frame
 
 
+def test_bright_reference_stays_on_the_oxide_when_flakes_cover_most_of_the_field() -> None:
+    """70 % of the field a monolayer (10 % darker in red, 5 % in green and blue), 30 % oxide:
+    the median is the monolayer's colour, the `bright` reference the oxide's."""
+    from model.unet.model import optical_contrast
+
+    oxide = torch.tensor([0.60, 0.55, 0.80]).view(1, 3, 1, 1)
+    field = oxide * torch.tensor([0.90, 0.95, 0.95]).view(1, 3, 1, 1)
+    x = field.expand(2, 3, 20, 20).clone()
+    x[0, :, :6, :] = oxide[0]  # first image: 30 % oxide
+    x[1, :, :16, :] = oxide[0]  # second: 80 % oxide, the usual tile
+    x += 0.002 * torch.randn_like(x)  # camera noise: the reference is a median, not a value
+    bright = optical_contrast(x, "bright")
+    median = optical_contrast(x, "median")
+    monolayer = 10 * torch.tensor([-0.10, -0.05, -0.05])
+    for i, rows in ((0, slice(6, None)), (1, slice(16, None))):
+        flake = bright[i, :, rows].mean(dim=(-2, -1))
+        assert torch.allclose(flake, monolayer, atol=0.05), flake
+    assert median[0, 0, 6:].abs().mean() < 0.05  # the median mistakes the monolayer for oxide
+    assert UNetConfig(width=4, depth=2, input_contrast=True, contrast_reference="bright")
+
+
 def test_input_raw_lets_the_net_see_absolute_colour_beside_contrast() -> None:
     """A field mostly covered by one flake has the flake as its median, so contrast alone maps
     it like bare substrate; with input_raw the net sees six planes and tells them apart."""

@@ -40,8 +40,11 @@ class UNetConfig(BaseModel):
         description="feed the optical contrast x / ref(x) - 1 of each image and channel "
         "(×CONTRAST_GAIN) instead of the raw 0..1 pixels",
     )
-    contrast_reference: Literal["mean", "median"] = Field(
-        "mean", description="ref(x) for input_contrast: the image's mean or median per channel"
+    contrast_reference: Literal["mean", "median", "bright"] = Field(
+        "mean",
+        description="ref(x) for input_contrast: the image's mean or median per channel, or "
+        "`bright`, the median of the pixels at or above the median in red (thin MoS2 darkens "
+        "red, so these are substrate even where flakes cover most of the field)",
     )
     input_raw: bool = Field(
         False,
@@ -95,7 +98,7 @@ PRESETS: dict[str, UNetConfig] = {
     # same for any lamp, white balance or exposure, and ~1 for a monolayer instead of a 0.03
     # difference on a 0.65 level that a net without normalisation takes epochs to amplify.
     "small": UNetConfig(
-        width=8, depth=4, batch_norm=False, input_contrast=True, contrast_reference="median"
+        width=8, depth=4, batch_norm=False, input_contrast=True, contrast_reference="bright"
     ),
     # The small net for a lab's own labelled images: their camera and oxide are fixed, so raw
     # colour rides beside contrast and rescues fields a flake mostly covers (the median
@@ -220,10 +223,18 @@ def optical_contrast(x: torch.Tensor, reference: str = "mean") -> torch.Tensor:
     Most of a tile is substrate, so this is the flake-to-substrate contrast that labs read
     layer counts from; channel gains (lamp colour, white balance, exposure) cancel. The median
     stays on the substrate when a tile also holds the dark stage beyond the chip's edge or big
-    thick flakes, which drag the mean off it.
+    thick flakes, which drag the mean off it. Neither does when flakes cover more than half
+    the field, as CVD films often do; `bright` takes the median of the half of the pixels that
+    are brightest in red, where thin MoS2, thick flakes and the stage are all darker than the
+    oxide, so the reference stays on the oxide while a quarter of the field shows it.
     """
     if reference == "median":
         ref = x.flatten(-2).median(dim=-1).values[..., None, None]
+    elif reference == "bright":
+        flat = x.flatten(-2)
+        red = flat[:, :1]
+        brighter = red >= red.median(dim=-1, keepdim=True).values
+        ref = flat.masked_fill(~brighter, float("nan")).nanmedian(dim=-1).values[..., None, None]
     else:
         ref = x.mean(dim=(-2, -1), keepdim=True)
     return (x / ref.clamp_min(1e-3) - 1) * CONTRAST_GAIN  # a black frame stays finite
