@@ -44,7 +44,7 @@ class UNetConfig(BaseModel):
         "mean",
         description="ref(x) for input_contrast: the image's mean or median per channel, or "
         "`bright`, the median of the pixels at or above the median in red (thin MoS2 darkens "
-        "red, so these are substrate even where flakes cover most of the field)",
+        "red, so these are substrate even where thin flakes cover most of the field)",
     )
     input_raw: bool = Field(
         False,
@@ -225,8 +225,9 @@ def optical_contrast(x: torch.Tensor, reference: str = "mean") -> torch.Tensor:
     stays on the substrate when a tile also holds the dark stage beyond the chip's edge or big
     thick flakes, which drag the mean off it. Neither does when flakes cover more than half
     the field, as CVD films often do; `bright` takes the median of the half of the pixels that
-    are brightest in red, where thin MoS2, thick flakes and the stage are all darker than the
-    oxide, so the reference stays on the oxide while a quarter of the field shows it.
+    are brightest in red, where thin MoS2 and the stage are darker than the oxide, so the
+    reference stays on the oxide while a quarter of the field shows it. A thick flake brighter
+    than the oxide that covers a quarter of the field pulls it off (docs/model_card.md).
     """
     if reference == "median":
         ref = x.flatten(-2).median(dim=-1).values[..., None, None]
