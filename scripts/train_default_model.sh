@@ -3,9 +3,9 @@
 #
 #   scripts/train_default_model.sh [WORKDIR]      # default WORKDIR: /tmp/flakescan-default-model
 #
-# At this commit it trains the next candidate (contrast-input `small` preset, rig-look tiles),
-# not the weights now in model/weights/default.pt: docs/model_card.md says how those were made,
-# how this candidate measured and why it is not shipped yet.
+# It made the weights in model/weights/default.pt (docs/model_card.md: data, recipe, time and
+# scores): the `small` preset (optical contrast against the brighter half of each tile) with the
+# `synthetic` augmentation set, which redraws each layer's colour from the exact masks.
 #
 # Writes WORKDIR/synth-train (tiles with a randomised look per chip), WORKDIR/synth-rig (tiles in
 # the simulated rig's own look, with its residue and terraces, so the default model also reads
@@ -32,5 +32,5 @@ echo "synth: $(( $(date +%s) - start )) s" | tee "$WORK/train.log"
 "$FLAKESCAN" train --data "$WORK/synth-train" --data "$WORK/synth-rig" --out "$WORK/default.pt" \
     --recipe cpu --preset small --crop 256 --batch-size 4 --lr 1e-3 \
     --epochs "$EPOCHS" --samples-per-epoch "$SAMPLES" \
-    --loss weighted --augment look --seed 0 --device cpu
+    --loss weighted --augment synthetic --seed 0 --device cpu
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$WORK/train.log"
