@@ -125,12 +125,15 @@ LAYER_CLASSES = (1, 2)
 
 
 def layer_colour(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Redraw each thin layer's optical contrast per channel; the substrate is left as it is.
+    """Redraw each thin layer's optical contrast per channel; substrate away from the layers is
+    left as it is.
 
     A micrograph's layer colours depend on oxide, lamp and camera response: in the real set a
     monolayer's red contrast ranges 0.04-0.21 from image to image and its blue contrast may sit
     above or below the bilayer's, while a simulated camera shows one fixed relation. Only the
-    order in red (monolayer fainter than bilayer) holds everywhere, so that is kept and the
+    order in red (monolayer fainter than bilayer) holds everywhere, so that is kept (almost:
+    where a tile's bilayer is under 1.56× the monolayer's red contrast the per-layer jitter can
+    swap them, 0.5 % of draws on synthetic tiles; the shipped weights were trained so) and the
     rest is randomised: a model trained this way reads layers from red contrast and the flake's
     structure, not from one camera's colours. Each layer's median contrast against the
     substrate's median is moved to its new value as one shift per layer, spread through the
