@@ -233,7 +233,7 @@ def optical_contrast(x: torch.Tensor, reference: str = "mean") -> torch.Tensor:
         ref = x.flatten(-2).median(dim=-1).values[..., None, None]
     elif reference == "bright":
         flat = x.flatten(-2)
-        red = flat[:, :1]
+        red = flat[..., :1, :]  # any leading dims, as the other references allow
         brighter = red >= red.median(dim=-1, keepdim=True).values
         ref = flat.masked_fill(~brighter, float("nan")).nanmedian(dim=-1).values[..., None, None]
     else:
