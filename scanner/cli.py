@@ -60,6 +60,15 @@ def synth(
             "instead of exfoliated.",
         ),
     ] = 0.0,
+    transparent_share: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of randomised chips that are CVD MoS2 on quartz or sapphire (dark "
+            "background, layers brighter than it) instead of on SiO2/Si.",
+        ),
+    ] = 0.0,
 ) -> None:
     """Write a synthetic dataset folder (images/, masks/, dataset.yaml) from the simulated rig."""
     from drivers.configfile import ConfigError
@@ -72,8 +81,11 @@ def synth(
         raise fail(str(e)) from None
     if out.exists() and any(out.iterdir()):
         raise fail(f"{out} already exists and is not empty; choose a new folder")
-    if rig_look and cvd_share:
-        raise fail("--cvd-share grows randomised chips; --rig-look keeps the rig's exfoliated ones")
+    if rig_look and (cvd_share or transparent_share):
+        raise fail(
+            "--cvd-share and --transparent-share make randomised chips; --rig-look keeps the "
+            "rig's own chip"
+        )
     with Progress(
         TextColumn("[bold]synth"),
         BarColumn(),
@@ -92,6 +104,7 @@ def synth(
             progress=lambda n: bar.advance(task, n),
             randomise=not rig_look,
             cvd_share=cvd_share,
+            transparent_share=transparent_share,
         )
     look = " in the rig's own look" if rig_look else ""
     console.print(f"wrote {count} tiles{look} to [bold]{out}[/]")

@@ -53,6 +53,42 @@ def test_layer_contrast_matches_the_thin_film_optics(clean_scope, layers: int) -
     assert measured[2] < 0  # brighter in blue
 
 
+@pytest.mark.parametrize("substrate", ["quartz", "sapphire"])
+def test_cvd_on_a_transparent_substrate_renders_layers_brighter(substrate: str) -> None:
+    cfg = small_rig_config(
+        optics={"vignetting": 0.0},
+        camera={"read_noise_e": 1.0},
+        chip={"width_um": 600, "height_um": 600, "oxide_drift_nm": 0.0, "substrate": substrate},
+        flakes={
+            "growth": "cvd",
+            "thin_flakes_per_mm2": 60,
+            "residue_per_mm2": 0,
+            "dust_per_mm2": 0,
+        },
+    )
+    world = ChipWorld(cfg)
+    renderer = FrameRenderer(world, cfg, seed=5)
+    obj = cfg.objective_config("100x")
+    flake = max((f for f in world.flakes if f.layers == 1), key=lambda f: f.polygon.area)
+    c = flake.polygon.centroid
+    frame = renderer.render(Exposure((c.x, c.y), obj, 0.0, cfg.camera.exposure_ms)).astype(float)
+    labels = world.label_raster((c.x, c.y), renderer.shape, renderer.pixel_size_um(obj))
+    flake_rgb, substrate_rgb = _region_means(frame, labels, 1)
+    measured = (substrate_rgb - flake_rgb) / substrate_rgb
+    expected = optical_contrast(
+        1, cfg.chip.oxide_nm, cfg.optics.lamp_kelvin, obj.na, 2.2, substrate
+    )
+    assert measured == pytest.approx(expected, abs=0.02)
+    assert (measured < -0.03).all()  # brighter than the substrate in every channel
+    on_silicon = optical_contrast(1, cfg.chip.oxide_nm, cfg.optics.lamp_kelvin, obj.na, 2.2)
+    assert measured[0] < on_silicon[0] - 0.1  # the opposite sign of SiO2/Si in red
+
+
+def test_an_unknown_substrate_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="substrate"):
+        small_rig_config(chip={"substrate": "glass"})
+
+
 def test_bilayer_contrast_exceeds_monolayer_in_red(clean_scope) -> None:
     cfg = clean_scope[0]
     one = optical_contrast(1, cfg.chip.oxide_nm, cfg.optics.lamp_kelvin, 0.9, 2.2)

@@ -194,3 +194,49 @@ def test_cli_synth_cvd_share(tmp_path) -> None:
     )
     assert both.exit_code == 2 and "--rig-look" in both.output
     assert not (tmp_path / "y").exists()
+
+
+def test_transparent_share_grows_cvd_on_quartz_or_sapphire_brighter_than_the_ground(
+    tmp_path,
+) -> None:
+    kw = {"count": 16, "seed": 3, "tiles_per_chip": 2}
+    out = write_synthetic_dataset(small_rig_config(), tmp_path / "t", transparent_share=1.0, **kw)
+    meta = [json.loads(line) for line in (out / "metadata.jsonl").open()]
+    assert {m["growth"] for m in meta} == {"cvd"}
+    assert {m["substrate"] for m in meta} == {"quartz", "sapphire"}
+    card = (out / "dataset.yaml").read_text()
+    assert "quartz" in card and "SiO2/Si" not in card and "transparent_share: 1.0" in card
+    brighter = 0
+    for m in meta:
+        image = np.asarray(Image.open(out / "images" / f"{m['stem']}.jpg"), dtype=float)
+        mask = np.asarray(Image.open(out / "masks" / f"{m['stem']}.png"))
+        if (mask == 0).mean() > 0.1 and (mask == 1).mean() > 0.05:
+            brighter += np.median(image[mask == 1], 0)[0] > np.median(image[mask == 0], 0)[0]
+    assert brighter >= 8  # the monolayer outshines the substrate in red, unlike on SiO2/Si
+    plain = write_synthetic_dataset(small_rig_config(), tmp_path / "p", **kw)
+    assert {json.loads(line)["substrate"] for line in (plain / "metadata.jsonl").open()} == {
+        "sio2_si"
+    }
+
+
+def test_transparent_share_is_refused_outside_0_1_or_with_the_rig_look(tmp_path) -> None:
+    with pytest.raises(ValueError, match="transparent_share"):
+        write_synthetic_dataset(small_rig_config(), tmp_path / "s", count=2, transparent_share=-1)
+    with pytest.raises(ValueError, match="transparent_share"):
+        write_synthetic_dataset(
+            small_rig_config(), tmp_path / "s", count=2, transparent_share=0.5, randomise=False
+        )
+    assert not (tmp_path / "s" / "images").exists()
+    runner = CliRunner()
+    base = ["synth", "--config", "configs/simulated.yaml", "--count", "2", "--tiles-per-chip", "1"]
+    out = tmp_path / "q"
+    assert runner.invoke(app, [*base, "--out", str(out), "--transparent-share", "1"]).exit_code == 0
+    assert {json.loads(line)["substrate"] for line in (out / "metadata.jsonl").open()} <= {
+        "quartz",
+        "sapphire",
+    }
+    both = runner.invoke(
+        app, [*base, "--out", str(tmp_path / "y"), "--transparent-share", "0.5", "--rig-look"]
+    )
+    assert both.exit_code == 2 and "--rig-look" in both.output
+    assert not (tmp_path / "y").exists()

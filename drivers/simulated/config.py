@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..configfile import ConfigError, format_validation_error, read_rig_mapping
+from .optics import Substrate
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -22,12 +23,17 @@ class _Strict(BaseModel):
 
 
 class ChipConfig(_Strict):
-    """The chip: a rectangle of SiO2/Si whose lower-left corner sits at `origin_um` on the stage."""
+    """The chip: a rectangle of SiO2/Si (or a transparent crystal) whose lower-left corner sits
+    at `origin_um` on the stage."""
+
+    #: "sio2_si" (oxidised silicon wafer), or a transparent "quartz" or "sapphire" substrate,
+    #: on which CVD MoS2 is often grown: dark background, every layer brighter than it
+    substrate: Substrate = "sio2_si"
 
     width_um: Annotated[float, Field(gt=0, le=10_000)] = 5000.0
     height_um: Annotated[float, Field(gt=0, le=10_000)] = 5000.0
     origin_um: tuple[float, float] = (0.0, 0.0)
-    #: nominal oxide thickness; 300, 285 and 90 nm are the common wafers
+    #: nominal oxide thickness of a sio2_si wafer; 300, 285 and 90 nm are the common ones
     oxide_nm: Annotated[float, Field(ge=50, le=400)] = 300.0
     #: peak-to-peak slow variation of the oxide across the chip
     oxide_drift_nm: Annotated[float, Field(ge=0, le=40)] = 6.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Literal, get_args
 
 import numpy as np
 from scipy.interpolate import PchipInterpolator
@@ -82,6 +83,35 @@ def sio2_index(wavelength_nm: np.ndarray) -> np.ndarray:
     terms = ((0.6961663, 0.0684043), (0.4079426, 0.1162414), (0.8974794, 9.896161))
     eps = 1.0 + sum(a * l2 / (l2 - b**2) for a, b in terms)
     return np.sqrt(eps).astype(complex)
+
+
+def sapphire_index(wavelength_nm: np.ndarray) -> np.ndarray:
+    """Sapphire, ordinary ray, Malitson 1972 Sellmeier formula (real)."""
+    l2 = (np.asarray(wavelength_nm, dtype=float) / 1000.0) ** 2
+    terms = ((1.4313493, 0.0726631), (0.65054713, 0.1193242), (5.3414021, 18.028251))
+    eps = 1.0 + sum(a * l2 / (l2 - b**2) for a, b in terms)
+    return np.sqrt(eps).astype(complex)
+
+
+#: What the flakes lie on. "sio2_si" is the oxidised silicon wafer of exfoliation, whose oxide
+#: thickness sets the colours; CVD MoS2 is often grown on (or transferred to) transparent
+#: "quartz" or "sapphire", a dark, weakly reflecting background on which every layer is
+#: *brighter* than the substrate, most of all in blue.
+Substrate = Literal["sio2_si", "quartz", "sapphire"]
+SUBSTRATES: tuple[str, ...] = get_args(Substrate)
+
+
+def substrate_films(
+    substrate: str, oxide_nm: float, wl: np.ndarray
+) -> tuple[list[tuple[np.ndarray, float]], np.ndarray]:
+    """(films under the flake, semi-infinite substrate index) for a substrate kind."""
+    if substrate == "sio2_si":
+        return [(sio2_index(wl), oxide_nm)], si_index(wl)
+    if substrate == "quartz":
+        return [], sio2_index(wl)  # thick: its back face is far out of focus
+    if substrate == "sapphire":
+        return [], sapphire_index(wl)
+    raise ValueError(f"unknown substrate {substrate!r}; choose from {', '.join(SUBSTRATES)}")
 
 
 def si_index(wavelength_nm: np.ndarray) -> np.ndarray:
@@ -180,21 +210,24 @@ class MaterialColours:
         lamp_kelvin: float = 3200,
         na: float = 0.9,
         step_nm: float = 0.5,
+        substrate: str = "sio2_si",
     ) -> None:
         if not 0 < oxide_min_nm <= oxide_max_nm:
             raise ValueError(
                 f"need 0 < oxide_min_nm <= oxide_max_nm, got {oxide_min_nm}-{oxide_max_nm}"
             )
         self.oxide_min_nm, self.oxide_max_nm = float(oxide_min_nm), float(oxide_max_nm)
-        n_steps = math.ceil((oxide_max_nm - oxide_min_nm) / step_nm)  # 0: one thickness
+        # A transparent substrate has no oxide: one row serves every requested thickness.
+        has_oxide = substrate == "sio2_si"
+        n_steps = math.ceil((oxide_max_nm - oxide_min_nm) / step_nm) if has_oxide else 0
         self._oxide = np.linspace(oxide_min_nm, oxide_max_nm, n_steps + 1)
         wl = WAVELENGTHS_NM
-        si, sio2 = si_index(wl), sio2_index(wl)
         # Indices once, not per oxide step: building the interpolators dominated the runtime.
         tops = [_top_films(code, wl) for code in range(DUST_CODE)]
-        spectra = [
-            [stack_reflectance(wl, [*top, (sio2, d)], si, na) for top in tops] for d in self._oxide
-        ]
+        spectra = []
+        for d in self._oxide:
+            under, base = substrate_films(substrate, d, wl)
+            spectra.append([stack_reflectance(wl, [*top, *under], base, na) for top in tops])
         self._table = np.full((self._oxide.size, N_MATERIALS, 3), DUST_REFLECTANCE)
         self._table[:, :DUST_CODE] = camera_rgb(np.array(spectra), wl, lamp_kelvin)
 
@@ -212,19 +245,25 @@ class MaterialColours:
 
 
 @lru_cache(maxsize=16)
-def _cached_colours(lo: float, hi: float, kelvin: float, na: float) -> MaterialColours:
-    return MaterialColours(lo, hi, kelvin, na)
+def _cached_colours(
+    lo: float, hi: float, kelvin: float, na: float, substrate: str
+) -> MaterialColours:
+    return MaterialColours(lo, hi, kelvin, na, substrate=substrate)
 
 
 def material_colours(
-    oxide_min_nm: float, oxide_max_nm: float, lamp_kelvin: float = 3200, na: float = 0.9
+    oxide_min_nm: float,
+    oxide_max_nm: float,
+    lamp_kelvin: float = 3200,
+    na: float = 0.9,
+    substrate: str = "sio2_si",
 ) -> MaterialColours:
     """Shared `MaterialColours`: nearly equal requests reuse one table.
 
     The range is widened outwards to 0.1 nm so rounding never excludes a requested thickness.
     """
     lo, hi = math.floor(oxide_min_nm * 10) / 10, math.ceil(oxide_max_nm * 10) / 10
-    return _cached_colours(lo, hi, float(round(lamp_kelvin)), round(na, 3))
+    return _cached_colours(lo, hi, float(round(lamp_kelvin)), round(na, 3), substrate)
 
 
 def optical_contrast(
@@ -233,18 +272,19 @@ def optical_contrast(
     lamp_kelvin: float = 3200,
     na: float = 0.9,
     gamma: float | None = 2.2,
+    substrate: str = "sio2_si",
 ) -> np.ndarray:
     """(3,) contrast (I_sub - I_flake) / I_sub per channel; positive means the flake is darker.
 
     I is the gamma-encoded signal linear^(1/gamma), or the linear signal when gamma is None.
+    ``oxide_nm`` matters only on "sio2_si".
     """
     if layers < 0:
         raise ValueError(f"layer count must be >= 0, got {layers}")
     wl = WAVELENGTHS_NM
-    si = si_index(wl)
-    oxide = [(sio2_index(wl), oxide_nm)]
-    flake = [(mos2_index(wl, layers), layers * LAYER_THICKNESS_NM), *oxide] if layers else oxide
-    spectra = np.array([stack_reflectance(wl, films, si, na) for films in (oxide, flake)])
+    under, base = substrate_films(substrate, oxide_nm, wl)
+    flake = [(mos2_index(wl, layers), layers * LAYER_THICKNESS_NM), *under] if layers else under
+    spectra = np.array([stack_reflectance(wl, films, base, na) for films in (under, flake)])
     sub, flk = camera_rgb(spectra, wl, lamp_kelvin)
     if gamma is not None:
         sub, flk = sub ** (1.0 / gamma), flk ** (1.0 / gamma)

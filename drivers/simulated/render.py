@@ -98,7 +98,9 @@ class FrameRenderer:
     def _colours_for(self, objective: ObjectiveConfig) -> MaterialColours:
         # material_colours is cached: built on first use of an objective, shared after that.
         lo, hi = self.world.oxide_range_nm()
-        return material_colours(lo, hi, self.cfg.optics.lamp_kelvin, objective.na)
+        return material_colours(
+            lo, hi, self.cfg.optics.lamp_kelvin, objective.na, self.cfg.chip.substrate
+        )
 
     def reflectance(self, exp: Exposure) -> np.ndarray:
         """Linear RGB reflectance (mirror = 1) of the field, blurred and smeared: float32 H×W×3."""

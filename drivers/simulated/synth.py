@@ -50,6 +50,7 @@ class TileRecipe:
     jpeg_quality: int
     crosstalk: float = 0.0
     growth: Literal["exfoliated", "cvd"] = "exfoliated"
+    substrate: str = "sio2_si"
     illumination_tilt: float = 0.0
     output_noise_dn: float = 0.0
 
@@ -67,6 +68,12 @@ NO_CROSSTALK_SHARE = 0.2
 #: CVD micrographs, 39 % of which are under half substrate (exfoliated synth tiles: 7 %); 47 % of
 #: CVD tiles are too (160-tile check, docs/model_card.md).
 CVD_FLAKES_PER_MM2 = (150.0, 1200.0)
+#: Transparent-substrate chips (with transparent_share > 0) are quartz or sapphire, always CVD
+#: (exfoliated flakes go on oxidised silicon, where they are visible): dark background, layers
+#: brighter than it. 5 of the 109 real micrographs look so, and on them every layer's contrast
+#: has the opposite sign of oxidised silicon's. The camera keeps the exposure it has for SiO2/Si
+#: (whose oxide reflects 3-6x more), as the real ones did: their substrate reads ~0.2-0.3.
+TRANSPARENT_SUBSTRATES = ("quartz", "sapphire")
 #: linear illumination gradient (fraction, corner to corner); real tiles median ~0.09
 TILT_RANGE = (0.0, 0.4)
 #: post-gamma noise (8-bit levels, sigma); real tiles keep ~3x the noise of shot noise alone
@@ -87,13 +94,15 @@ def randomised_chip(
     *,
     randomise: bool = True,
     cvd_share: float = 0.0,
+    transparent_share: float = 0.0,
 ) -> SimulatedRigConfig:
     """A small chip with its own wafer, lamp and camera settings, dense with thin flakes.
 
     With ``randomise=False`` the lamp, optics and camera stay exactly the base config's (the
     rig's own look, for checking a model on what a scan of that rig will see); the chip is
     still small and dense with flakes. ``cvd_share`` of the randomised chips are CVD-grown
-    (``flakes.growth: cvd``) instead of exfoliated.
+    (``flakes.growth: cvd``) instead of exfoliated; ``transparent_share`` of them are CVD on
+    quartz or sapphire instead of oxidised silicon.
     """
     data = base.model_dump()
     lo_um = float(rng.uniform(6, 25))
@@ -103,6 +112,9 @@ def randomised_chip(
     blue_gain = float(rng.uniform(0.9, 1.1)) * (1.3 if rng.random() < 0.2 else 1.0)
     # No draw at share 0: the shipped model's training images and masks stay as they were.
     cvd = randomise and cvd_share > 0 and rng.random() < cvd_share
+    transparent = randomise and transparent_share > 0 and rng.random() < transparent_share
+    substrate = TRANSPARENT_SUBSTRATES[rng.integers(2)] if transparent else "sio2_si"
+    cvd = cvd or transparent
     growth = (
         {
             "growth": "cvd",
@@ -126,6 +138,7 @@ def randomised_chip(
             "origin_um": (0.0, 0.0),
             "oxide_nm": float(rng.uniform(285, 335)),
             "oxide_drift_nm": float(rng.uniform(0, 4)),
+            "substrate": substrate,
         },
         flakes={
             **data["flakes"],
@@ -174,6 +187,7 @@ def randomised_chip(
         data["camera"] = base.camera.model_dump()
         data["chip"]["oxide_nm"] = base.chip.oxide_nm
         data["chip"]["oxide_drift_nm"] = base.chip.oxide_drift_nm
+        data["chip"]["substrate"] = base.chip.substrate
     data["xy_stage"]["x_limits_um"] = (-1000.0, SYNTH_CHIP_UM + 1000)
     data["xy_stage"]["y_limits_um"] = (-1000.0, SYNTH_CHIP_UM + 1000)
     return SimulatedRigConfig.model_validate(data)
@@ -189,20 +203,23 @@ def write_synthetic_dataset(
     progress: Callable[[int], None] | None = None,
     randomise: bool = True,
     cvd_share: float = 0.0,
+    transparent_share: float = 0.0,
 ) -> Path:
     """Write `count` tiles as a dataset folder (images/, masks/, dataset.yaml).
 
     ``randomise=False`` keeps the base config's lamp, optics and camera on every chip;
-    ``cvd_share`` of the randomised chips grow CVD triangles instead of exfoliated flakes.
+    ``cvd_share`` of the randomised chips grow CVD triangles instead of exfoliated flakes;
+    ``transparent_share`` of them grow CVD triangles on quartz or sapphire.
 
     Refuses a folder that already holds files, so nothing written before is lost.
     """
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
-    if not 0 <= cvd_share <= 1:
-        raise ValueError(f"cvd_share is a fraction of chips, 0..1; got {cvd_share}")
-    if cvd_share and not randomise:
-        raise ValueError("cvd_share needs randomised chips: the rig's own look is exfoliated")
+    for name, share in (("cvd_share", cvd_share), ("transparent_share", transparent_share)):
+        if not 0 <= share <= 1:
+            raise ValueError(f"{name} is a fraction of chips, 0..1; got {share}")
+        if share and not randomise:
+            raise ValueError(f"{name} needs randomised chips: the rig's own look is its own chip")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; choose a new folder")
@@ -211,20 +228,30 @@ def write_synthetic_dataset(
     rng = np.random.default_rng(seed)
     written = 0
     growths: set[str] = set()
+    substrates: set[str] = set()
     with (out / "metadata.jsonl").open("w") as meta:
         while written < count:
             chip_seed = int(rng.integers(2**31))
-            cfg = randomised_chip(base, rng, chip_seed, randomise=randomise, cvd_share=cvd_share)
+            cfg = randomised_chip(
+                base,
+                rng,
+                chip_seed,
+                randomise=randomise,
+                cvd_share=cvd_share,
+                transparent_share=transparent_share,
+            )
             n = min(tiles_per_chip, count - written)
             with closing_core(create_simulated_core(cfg)) as core:
                 for recipe, image, mask in _tiles(core, cfg, rng, n, written, chip_seed):
                     _save(out, recipe, image, mask)
                     meta.write(json.dumps(asdict(recipe)) + "\n")
                     growths.add(recipe.growth)
+                    substrates.add(recipe.substrate)
                     written += 1
                     if progress:
                         progress(1)
-    (out / "dataset.yaml").write_text(_dataset_yaml(base, count, seed, growths, cvd_share))
+    card = _dataset_yaml(base, count, seed, growths, substrates, cvd_share, transparent_share)
+    (out / "dataset.yaml").write_text(card)
     log.info("synth.done", out=str(out), tiles=count, seed=seed)
     return out
 
@@ -286,6 +313,7 @@ def _tiles(
             jpeg_quality=int(rng.integers(70, 91)),
             crosstalk=round(crosstalk_of(cfg), 3),
             growth=cfg.flakes.growth,
+            substrate=cfg.chip.substrate,
             illumination_tilt=round(cfg.optics.illumination_tilt, 3),
             output_noise_dn=round(cfg.camera.output_noise_dn, 3),
         )
@@ -306,12 +334,20 @@ def _save(out: Path, recipe: TileRecipe, image: np.ndarray, mask: np.ndarray) ->
 
 
 def _dataset_yaml(
-    base: SimulatedRigConfig, count: int, seed: int, growths: set[str], cvd_share: float
+    base: SimulatedRigConfig,
+    count: int,
+    seed: int,
+    growths: set[str],
+    substrates: set[str],
+    cvd_share: float,
+    transparent_share: float,
 ) -> str:
     names = {"exfoliated": "exfoliated", "cvd": "CVD"}
     kinds = " and ".join(name for growth, name in names.items() if growth in growths)
+    on = {"sio2_si": "SiO2/Si", "quartz": "quartz", "sapphire": "sapphire"}
+    grounds = ", ".join(name for key, name in on.items() if key in substrates)
     header = (
-        f"# Synthetic micrographs of {kinds} MoS2 on SiO2/Si from the flakescan simulated rig.\n"
+        f"# Synthetic micrographs of {kinds} MoS2 on {grounds} from the flakescan simulated rig.\n"
         "# Made by `flakescan synth`; free to use and to train shipped weights on.\n"
     )
     body = {
@@ -321,6 +357,7 @@ def _dataset_yaml(
         "count": count,
         "seed": seed,
         **({"cvd_share": cvd_share} if cvd_share else {}),
+        **({"transparent_share": transparent_share} if transparent_share else {}),
         "base_config_seed": base.seed,
         "image_glob": "images/*.jpg",
         "mask_glob": "masks/*.png",
