@@ -124,3 +124,16 @@ def test_layer_colour_needs_substrate_in_view() -> None:
     x = image.astype(np.float32) / 255
     assert np.array_equal(layer_colour(x, full, np.random.default_rng(0)), x)
     assert augment_set("synthetic")[0] == "layer_colour"
+
+
+def test_train_help_names_every_augmentation_set() -> None:
+    # The CLI writes the names out so that `flakescan --help` need not import numpy and scipy;
+    # this keeps that list and AUGMENT_SETS together.
+    import re
+    import typing
+
+    from scanner import model_commands
+
+    hints = typing.get_type_hints(model_commands.train, include_extras=True)
+    help_text = hints["augment"].__metadata__[0].help
+    assert set(re.findall(r"[a-z+]+", help_text)) - {"or"} == set(AUGMENT_SETS)
