@@ -17,10 +17,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticSerializationError
 
+from model.data import CLASS_NAMES
 from model.unet import UNet, UNetConfig, build_unet
 
 FORMAT_VERSION = 1
-CLASS_NAMES: tuple[str, ...] = ("other", "monolayer", "bilayer")
 NORMALISATION: dict[str, float] = {"scale": 1 / 255}
 #: The shipped default model (trained on synthetic micrographs only; docs/model_card.md).
 DEFAULT_CHECKPOINT: Path = Path(__file__).resolve().parent / "weights" / "default.pt"

@@ -22,10 +22,13 @@ RIG_TILES=${RIG_TILES:-800}
 EPOCHS=${EPOCHS:-60}
 SAMPLES=${SAMPLES:-384}
 CVD_SHARE=${CVD_SHARE:-0}   # experiments only: the shipped weights are trained with 0
+# CVD chips on quartz or sapphire: the dark-background micrographs, contrast reversed
+TRANSPARENT_SHARE=${TRANSPARENT_SHARE:-0.1}
 mkdir -p "$WORK"
 start=$(date +%s)
 "$FLAKESCAN" synth --config configs/simulated.yaml --out "$WORK/synth-train" \
-    --count "$TILES" --seed 2026 --cvd-share "$CVD_SHARE"
+    --count "$TILES" --seed 2026 --cvd-share "$CVD_SHARE" \
+    --transparent-share "$TRANSPARENT_SHARE"
 "$FLAKESCAN" synth --config configs/simulated.yaml --out "$WORK/synth-rig" \
     --count "$RIG_TILES" --seed 2027 --rig-look
 echo "synth: $(( $(date +%s) - start )) s" | tee "$WORK/train.log"
