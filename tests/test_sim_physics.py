@@ -84,6 +84,25 @@ def test_cvd_on_a_transparent_substrate_renders_layers_brighter(substrate: str) 
     assert measured[0] < on_silicon[0] - 0.1  # the opposite sign of SiO2/Si in red
 
 
+def test_veiling_glare_lowers_every_layer_contrast_by_one_over_one_plus_glare(clean_scope) -> None:
+    cfg, world, renderer = clean_scope
+    glary_cfg = cfg.model_copy(
+        update={"optics": cfg.optics.model_copy(update={"veiling_glare": 0.25})}
+    )
+    glary = FrameRenderer(world, glary_cfg, seed=5)
+    obj = cfg.objective_config("100x")
+    flake = max((f for f in world.flakes if f.layers == 1), key=lambda f: f.polygon.area)
+    c = flake.polygon.centroid
+    labels = world.label_raster((c.x, c.y), renderer.shape, renderer.pixel_size_um(obj))
+    contrast = []
+    for r in (renderer, glary):
+        frame = r.render(Exposure((c.x, c.y), obj, 0.0, cfg.camera.exposure_ms)).astype(float)
+        flake_rgb, substrate_rgb = _region_means(frame, labels, 1)
+        contrast.append((substrate_rgb - flake_rgb)[:2] / substrate_rgb[:2])
+    # gamma-encoded contrast of a faint layer scales as the linear one: 1 / 1.25, nearly
+    assert contrast[1] == pytest.approx(contrast[0] / 1.25, rel=0.12)
+
+
 def test_an_unknown_substrate_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="substrate"):
         small_rig_config(chip={"substrate": "glass"})

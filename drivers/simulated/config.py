@@ -93,6 +93,9 @@ class OpticsConfig(_Strict):
     illumination_tilt: Annotated[float, Field(ge=0, le=0.5)] = 0.0
     #: direction the field gets brighter towards, degrees from the +column axis
     illumination_tilt_deg: float = 0.0
+    #: stray light (veiling glare) spread evenly over the image, as a fraction of the field's
+    #: mean reflectance: every flake's linear contrast falls by 1 / (1 + glare)
+    veiling_glare: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 
 class ObjectiveConfig(_Strict):

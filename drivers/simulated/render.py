@@ -153,7 +153,11 @@ class FrameRenderer:
         cam = self.cfg.camera
         h, w = self.shape
         e, tmp, idx = self._electrons, self._scratch, self._index
-        np.multiply(self.reflectance(exp), self._vignette, out=e)
+        reflectance = self.reflectance(exp)
+        np.multiply(reflectance, self._vignette, out=e)
+        if glare := self.cfg.optics.veiling_glare:
+            # scattered in the optics, so it reaches the sensor evenly, vignetting or not
+            e += np.float32(glare) * reflectance.mean(axis=(0, 1), dtype=np.float32)
         e *= np.float32(cam.electrons_per_ms * exp.exposure_ms)
         # Shot noise (Poisson, as a Gaussian of variance = signal) and read noise together.
         np.add(e, np.float32(cam.read_noise_e**2), out=tmp)
