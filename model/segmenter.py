@@ -25,6 +25,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from model.checkpoint import CLASS_NAMES, Checkpoint, load_checkpoint
 from model.unet import UNet, UpConv
+from model.unet.model import reference_colours
 
 Window = tuple[int, int, torch.Tensor]  # top, left, window×window blending weight
 #: largest result predict() page-locks: 64 tiles' probabilities (3 × 512² float32 each)
@@ -108,7 +109,7 @@ class Segmenter:
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         self._eager: nn.Module = net
-        self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._compiled: Callable[..., torch.Tensor] | None = None
         if compile:
             try:
                 self._compiled = torch.compile(net)
@@ -152,13 +153,18 @@ class Segmenter:
             return probs, labels
         padded = _pad_to(images, self.window)
         windows = _windows(padded.shape[1], padded.shape[2], self.window, self.overlap, self.device)
+        # A window (or a padded image) holds more or less than the image: its contrast is taken
+        # against the whole image's reference, which more often has substrate in it.
+        whole = len(windows) == 1 and padded.shape == images.shape
+        refs = None if whole or not self.config.input_contrast else self._references(images)
         if len(windows) == 1:
             for b in range(0, n, self.batch_size):
-                p = self._infer(padded[b : b + self.batch_size])[:, :, :height, :width]
+                ref = None if refs is None else refs[b : b + self.batch_size]
+                p = self._infer(padded[b : b + self.batch_size], ref)[:, :, :height, :width]
                 torch.from_numpy(probs[b : b + len(p)]).copy_(p)
                 torch.from_numpy(labels[b : b + len(p)]).copy_(_argmax(p, dim=1))
         else:
-            self._blend(padded, windows, probs, labels)
+            self._blend(padded, windows, probs, labels, refs)
         return (probs[0], labels[0]) if single else (probs, labels)
 
     def _host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
@@ -173,8 +179,23 @@ class Segmenter:
         pinned = self.device.type == "cuda" and nbytes <= PINNED_MAX_BYTES
         return torch.empty(shape, dtype=dtype, pin_memory=pinned).numpy()
 
+    def _references(self, images: np.ndarray) -> torch.Tensor:
+        """N×C'×1×1 contrast references of whole images, on the device (one image at a time:
+        a large image's float copy is the memory that matters)."""
+        refs = []
+        for image in images:
+            x = torch.tensor(image, device=self.device)  # a copy: PIL arrays are read-only
+            x = x.permute(2, 0, 1).float().mul_(self.scale)
+            refs.append(reference_colours(x, self.config.contrast_reference))
+        return torch.stack(refs)
+
     def _blend(
-        self, padded: np.ndarray, windows: list[Window], probs: np.ndarray, labels: np.ndarray
+        self,
+        padded: np.ndarray,
+        windows: list[Window],
+        probs: np.ndarray,
+        labels: np.ndarray,
+        refs: torch.Tensor | None,
     ) -> None:
         win = self.window
         weight_sum = torch.zeros(padded.shape[1:3], device=self.device)
@@ -185,7 +206,8 @@ class Segmenter:
         current, acc = -1, torch.empty(0)
         for b in range(0, len(jobs), self.batch_size):
             chunk = jobs[b : b + self.batch_size]
-            p = self._infer(np.stack([padded[i, y : y + win, x : x + win] for i, y, x, _ in chunk]))
+            crops = np.stack([padded[i, y : y + win, x : x + win] for i, y, x, _ in chunk])
+            p = self._infer(crops, None if refs is None else refs[[i for i, *_ in chunk]])
             for k, (i, y, x, w) in enumerate(chunk):
                 if i != current:
                     if current >= 0:
@@ -201,8 +223,9 @@ class Segmenter:
         torch.from_numpy(probs[i]).copy_(p)
         torch.from_numpy(labels[i]).copy_(_argmax(p, dim=0))
 
-    def _infer(self, crops: np.ndarray) -> torch.Tensor:
-        """B×win×win×3 uint8 -> B×classes×win×win float32 probabilities on the device."""
+    def _infer(self, crops: np.ndarray, refs: torch.Tensor | None = None) -> torch.Tensor:
+        """B×win×win×3 uint8 -> B×classes×win×win float32 probabilities on the device;
+        ``refs``: the contrast references of the images they come from (None: their own)."""
         # uint8 crosses to the device (a quarter of the bytes of float32); the permuted view is
         # already channels-last in memory.
         crops = np.ascontiguousarray(crops)
@@ -218,7 +241,7 @@ class Segmenter:
             else contextlib.nullcontext()
         )
         with autocast:
-            logits = self._forward(x)
+            logits = self._forward(x, refs)
         p = torch.softmax(logits.float(), dim=1)
         if self._class_weights is not None:
             p = p / self._class_weights
@@ -229,14 +252,14 @@ class Segmenter:
             p = torch.cat([other, p[:, 1:classes]], dim=1)
         return p
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, refs: torch.Tensor | None = None) -> torch.Tensor:
         if self._compiled is not None:
             try:
-                return self._compiled(x)
+                return self._compiled(x) if refs is None else self._compiled(x, refs)
             except Exception as exc:  # compile errors surface on the first call, not at compile()
                 warnings.warn(f"compiled model failed ({exc}); running eagerly", stacklevel=3)
                 self._compiled = None
-        return self._eager(x)
+        return self._eager(x) if refs is None else self._eager(x, refs)
 
     def _as_batch(self, tiles: np.ndarray) -> tuple[np.ndarray, bool]:
         c = self.config.in_channels

@@ -289,3 +289,32 @@ def test_plain_posterior_divides_out_the_training_class_weights(tmp_path) -> Non
     np.testing.assert_array_equal(same.predict(images)[0], trained)
     with pytest.raises(ValueError, match="class_weights must be 3 non-negative"):
         Segmenter(model, class_weights=[1.0, -1.0, 1.0])
+
+
+def test_windows_take_their_contrast_against_the_whole_image() -> None:
+    """A window that a flake fills has no oxide of its own to measure against: each window of
+    a larger image is read against the whole image's reference, and a single tile (the
+    scanner's case) against its own, as in training."""
+    from model.unet.model import reference_colours
+
+    torch.manual_seed(0)
+    config = UNetConfig(width=4, depth=2, input_contrast=True, contrast_reference="bright")
+    net = build_unet(config).eval()
+    rng = np.random.default_rng(0)
+    oxide, monolayer = np.array([150, 140, 200]), np.array([130, 133, 185])
+    image = np.empty((32, 64, 3), dtype=np.uint8)
+    image[:, :32] = monolayer  # the left window: all monolayer
+    image[:, 32:] = oxide
+    image[:8, 40:56] = monolayer
+    image = np.clip(image + rng.normal(0, 1.5, image.shape), 0, 255).astype(np.uint8)
+    seg = Segmenter(net, window=32, overlap=0, batch_size=1)
+    probs, _ = seg.predict(image)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    left = x[..., :32]
+    with torch.inference_mode():
+        against_image = torch.softmax(net(left, reference_colours(x, "bright")), 1)[0]
+        against_itself = torch.softmax(net(left), 1)[0]
+    np.testing.assert_allclose(probs[:, :, :32], against_image.numpy(), atol=1e-5)
+    assert np.abs(probs[:, :, :32] - against_itself.numpy()).max() > 1e-3
+    tile_probs, _ = seg.predict(np.ascontiguousarray(image[:, :32]))
+    np.testing.assert_allclose(tile_probs, against_itself.numpy(), atol=1e-5)
