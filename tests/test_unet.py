@@ -318,27 +318,6 @@ def test_bright_reference_stays_on_the_oxide_when_flakes_cover_most_of_the_field
     assert UNetConfig(width=4, depth=2, input_contrast=True, contrast_reference="bright")
 
 
-def test_bright_and_dark_reference_finds_a_transparent_substrate_under_bright_flakes() -> None:
-    """Quartz at 0.25, 40 % of the field; the rest a monolayer 12 % brighter in red and 25 % in
-    blue. `bright` alone takes the monolayer for the ground; the dark half's planes give the
-    monolayer its true contrast, and the bright planes are the same as `bright`'s."""
-    from model.unet.model import optical_contrast
-
-    quartz = torch.tensor([0.25, 0.24, 0.22]).view(1, 3, 1, 1)
-    x = (quartz * torch.tensor([1.12, 1.13, 1.25]).view(1, 3, 1, 1)).expand(1, 3, 20, 20).clone()
-    x[0, :, :8, :] = quartz[0]
-    x += 0.002 * torch.randn_like(x)
-    both = optical_contrast(x, "bright+dark")
-    assert both.shape == (1, 6, 20, 20)
-    assert torch.equal(both[:, :3], optical_contrast(x, "bright"))
-    monolayer = both[0, 3:, 8:].mean(dim=(-2, -1))
-    assert torch.allclose(monolayer, 10 * torch.tensor([0.12, 0.13, 0.25]), atol=0.05), monolayer
-    assert both[0, :3, 8:].mean(dim=(-2, -1)).abs().max() < 0.05  # `bright`: it is the ground
-    config = UNetConfig(width=4, depth=2, input_contrast=True, contrast_reference="bright+dark")
-    assert config.input_planes == 6
-    assert build_unet(config).eval()(x).shape == (1, 3, 20, 20)
-
-
 def test_input_raw_lets_the_net_see_absolute_colour_beside_contrast() -> None:
     """A field mostly covered by one flake has the flake as its median, so contrast alone maps
     it like bare substrate; with input_raw the net sees six planes and tells them apart."""

@@ -40,13 +40,11 @@ class UNetConfig(BaseModel):
         description="feed the optical contrast x / ref(x) - 1 of each image and channel "
         "(×CONTRAST_GAIN) instead of the raw 0..1 pixels",
     )
-    contrast_reference: Literal["mean", "median", "bright", "bright+dark"] = Field(
+    contrast_reference: Literal["mean", "median", "bright"] = Field(
         "mean",
         description="ref(x) for input_contrast: the image's mean or median per channel, or "
         "`bright`, the median of the pixels at or above the median in red (thin MoS2 darkens "
-        "red, so these are substrate even where thin flakes cover most of the field), or "
-        "`bright+dark`: contrast against `bright` and against the darker half's median side by "
-        "side (on a transparent substrate the layers are brighter and the darker half is it)",
+        "red, so these are substrate even where thin flakes cover most of the field)",
     )
     input_raw: bool = Field(
         False,
@@ -70,10 +68,7 @@ class UNetConfig(BaseModel):
     @property
     def input_planes(self) -> int:
         """Planes the first convolution sees: contrast and raw pixels side by side, or one."""
-        contrast = self.in_channels * (2 if self.contrast_reference == "bright+dark" else 1)
-        if not self.input_contrast:
-            return self.in_channels
-        return contrast + (self.in_channels if self.input_raw else 0)
+        return self.in_channels * (2 if self.input_contrast and self.input_raw else 1)
 
     @property
     def outputs(self) -> int:
@@ -232,14 +227,12 @@ def optical_contrast(x: torch.Tensor, reference: str = "mean") -> torch.Tensor:
 
 
 def contrast_against(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """x / reference - 1 times CONTRAST_GAIN; a reference of k·C colours gives k·C planes."""
-    if (k := reference.shape[-3] // x.shape[-3]) > 1:
-        x = torch.cat([x] * k, dim=-3)
+    """x / reference - 1 times CONTRAST_GAIN, per channel."""
     return (x / reference.clamp_min(1e-3) - 1) * CONTRAST_GAIN  # a black frame stays finite
 
 
 def reference_colours(x: torch.Tensor, reference: str = "mean") -> torch.Tensor:
-    """The colours each image's contrast is taken against: ...×C×1×1 (×2C for bright+dark).
+    """The colours each image's contrast is taken against: ...×C×1×1.
 
     Most of a tile is substrate, so this is the flake-to-substrate contrast that labs read
     layer counts from; channel gains (lamp colour, white balance, exposure) cancel. The median
@@ -249,25 +242,17 @@ def reference_colours(x: torch.Tensor, reference: str = "mean") -> torch.Tensor:
     are brightest in red, where thin MoS2 and the stage are darker than the oxide, so the
     reference stays on the oxide while a quarter of the field shows it. A thick flake brighter
     than the oxide that covers a quarter of the field pulls it off (docs/model_card.md).
-    `bright+dark` adds the darker half's median: the substrate where it is transparent and
-    darker than every layer on it.
     """
     if reference == "median":
         ref = x.flatten(-2).median(dim=-1).values[..., None, None]
-    elif reference in ("bright", "bright+dark"):
+    elif reference == "bright":
         flat = x.flatten(-2)
         red = flat[..., :1, :]  # any leading dims, as the other references allow
-        red_median = red.median(dim=-1, keepdim=True).values
-        ref = _median_where(flat, red >= red_median)
-        if reference == "bright+dark":
-            ref = torch.cat([ref, _median_where(flat, red <= red_median)], dim=-3)
+        brighter = red >= red.median(dim=-1, keepdim=True).values
+        ref = flat.masked_fill(~brighter, float("nan")).nanmedian(dim=-1).values[..., None, None]
     else:
         ref = x.mean(dim=(-2, -1), keepdim=True)
     return ref
-
-
-def _median_where(flat: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    return flat.masked_fill(~keep, float("nan")).nanmedian(dim=-1).values[..., None, None]
 
 
 def check_input_size(config: UNetConfig, height: int, width: int) -> None:
