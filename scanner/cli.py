@@ -69,6 +69,15 @@ def synth(
             "background, layers brighter than it) instead of on SiO2/Si.",
         ),
     ] = 0.0,
+    glare_max: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Veiling glare of randomised chips, uniform up to this fraction of the mean "
+            "light (0.4 matches the real set's layer contrasts); 0: none.",
+        ),
+    ] = 0.0,
 ) -> None:
     """Write a synthetic dataset folder (images/, masks/, dataset.yaml) from the simulated rig."""
     from drivers.configfile import ConfigError
@@ -105,6 +114,7 @@ def synth(
             randomise=not rig_look,
             cvd_share=cvd_share,
             transparent_share=transparent_share,
+            glare_max=glare_max,
         )
     look = " in the rig's own look" if rig_look else ""
     console.print(f"wrote {count} tiles{look} to [bold]{out}[/]")

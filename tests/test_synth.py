@@ -240,3 +240,17 @@ def test_transparent_share_is_refused_outside_0_1_or_with_the_rig_look(tmp_path)
     )
     assert both.exit_code == 2 and "--rig-look" in both.output
     assert not (tmp_path / "y").exists()
+
+
+def test_glare_max_adds_veiling_glare_per_chip_and_zero_keeps_none(tmp_path) -> None:
+    kw = {"count": 8, "seed": 3, "tiles_per_chip": 2}
+    glary = write_synthetic_dataset(small_rig_config(), tmp_path / "g", glare_max=0.4, **kw)
+    plain = write_synthetic_dataset(small_rig_config(), tmp_path / "p", **kw)
+
+    def glare(out) -> list[float]:
+        return [json.loads(line)["veiling_glare"] for line in (out / "metadata.jsonl").open()]
+
+    assert all(0 <= g <= 0.4 for g in glare(glary)) and len(set(glare(glary))) == 4
+    assert set(glare(plain)) == {0.0}
+    with pytest.raises(ValueError, match="glare_max"):
+        write_synthetic_dataset(small_rig_config(), tmp_path / "x", count=1, glare_max=1.5)
