@@ -318,3 +318,20 @@ def test_windows_take_their_contrast_against_the_whole_image() -> None:
     assert np.abs(probs[:, :, :32] - against_itself.numpy()).max() > 1e-3
     tile_probs, _ = seg.predict(np.ascontiguousarray(image[:, :32]))
     np.testing.assert_allclose(tile_probs, against_itself.numpy(), atol=1e-5)
+
+
+def test_image_reference_is_on_for_bright_only_unless_asked() -> None:
+    torch.manual_seed(0)
+    image = np.random.default_rng(1).integers(60, 200, (32, 64, 3), dtype=np.uint8)
+    image[:, :32] //= 2  # the left window much darker than the image
+    for reference, default in (("bright", True), ("median", False), ("mean", False)):
+        config = UNetConfig(width=4, depth=2, input_contrast=True, contrast_reference=reference)
+        net = build_unet(config).eval()
+        assert Segmenter(net, window=32, overlap=0).image_reference is default
+        own = Segmenter(net, window=32, overlap=0, image_reference=False).predict(image)[0]
+        whole = Segmenter(net, window=32, overlap=0, image_reference=True).predict(image)[0]
+        assert np.abs(own - whole).max() > 1e-3  # the choice matters on this image
+        chosen = Segmenter(net, window=32, overlap=0).predict(image)[0]
+        np.testing.assert_allclose(chosen, whole if default else own, atol=1e-6)
+    plain = build_unet(UNetConfig(width=4, depth=2)).eval()
+    assert Segmenter(plain, window=32, overlap=0, image_reference=True).image_reference is False
