@@ -101,17 +101,19 @@ Substrate = Literal["sio2_si", "quartz", "sapphire"]
 SUBSTRATES: tuple[str, ...] = get_args(Substrate)
 
 
-def substrate_films(
-    substrate: str, oxide_nm: float, wl: np.ndarray
-) -> tuple[list[tuple[np.ndarray, float]], np.ndarray]:
-    """(films under the flake, semi-infinite substrate index) for a substrate kind."""
+def substrate_indices(substrate: str, wl: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """(index of the oxide film under the flake, or None; semi-infinite substrate index)."""
     if substrate == "sio2_si":
-        return [(sio2_index(wl), oxide_nm)], si_index(wl)
+        return sio2_index(wl), si_index(wl)
     if substrate == "quartz":
-        return [], sio2_index(wl)  # thick: its back face is far out of focus
+        return None, sio2_index(wl)  # thick: its back face is far out of focus
     if substrate == "sapphire":
-        return [], sapphire_index(wl)
+        return None, sapphire_index(wl)
     raise ValueError(f"unknown substrate {substrate!r}; choose from {', '.join(SUBSTRATES)}")
+
+
+def _under(oxide: np.ndarray | None, oxide_nm: float) -> list[tuple[np.ndarray, float]]:
+    return [] if oxide is None else [(oxide, oxide_nm)]
 
 
 def si_index(wavelength_nm: np.ndarray) -> np.ndarray:
@@ -217,17 +219,17 @@ class MaterialColours:
                 f"need 0 < oxide_min_nm <= oxide_max_nm, got {oxide_min_nm}-{oxide_max_nm}"
             )
         self.oxide_min_nm, self.oxide_max_nm = float(oxide_min_nm), float(oxide_max_nm)
-        # A transparent substrate has no oxide: one row serves every requested thickness.
-        has_oxide = substrate == "sio2_si"
-        n_steps = math.ceil((oxide_max_nm - oxide_min_nm) / step_nm) if has_oxide else 0
-        self._oxide = np.linspace(oxide_min_nm, oxide_max_nm, n_steps + 1)
         wl = WAVELENGTHS_NM
         # Indices once, not per oxide step: building the interpolators dominated the runtime.
+        oxide, base = substrate_indices(substrate, wl)
         tops = [_top_films(code, wl) for code in range(DUST_CODE)]
-        spectra = []
-        for d in self._oxide:
-            under, base = substrate_films(substrate, d, wl)
-            spectra.append([stack_reflectance(wl, [*top, *under], base, na) for top in tops])
+        # A transparent substrate has no oxide: one row serves every requested thickness.
+        n_steps = math.ceil((oxide_max_nm - oxide_min_nm) / step_nm) if oxide is not None else 0
+        self._oxide = np.linspace(oxide_min_nm, oxide_max_nm, n_steps + 1)
+        spectra = [
+            [stack_reflectance(wl, [*top, *_under(oxide, d)], base, na) for top in tops]
+            for d in self._oxide
+        ]
         self._table = np.full((self._oxide.size, N_MATERIALS, 3), DUST_REFLECTANCE)
         self._table[:, :DUST_CODE] = camera_rgb(np.array(spectra), wl, lamp_kelvin)
 
@@ -282,7 +284,8 @@ def optical_contrast(
     if layers < 0:
         raise ValueError(f"layer count must be >= 0, got {layers}")
     wl = WAVELENGTHS_NM
-    under, base = substrate_films(substrate, oxide_nm, wl)
+    oxide, base = substrate_indices(substrate, wl)
+    under = _under(oxide, oxide_nm)
     flake = [(mos2_index(wl, layers), layers * LAYER_THICKNESS_NM), *under] if layers else under
     spectra = np.array([stack_reflectance(wl, films, base, na) for films in (under, flake)])
     sub, flk = camera_rgb(spectra, wl, lamp_kelvin)

@@ -77,11 +77,6 @@ CVD_FLAKES_PER_MM2 = (150.0, 1200.0)
 TRANSPARENT_SUBSTRATES = ("quartz", "sapphire")
 #: linear illumination gradient (fraction, corner to corner); real tiles median ~0.09
 TILT_RANGE = (0.0, 0.4)
-#: Veiling glare (with glare_max > 0): the thin-film optics give SiO2/Si tiles a median red
-#: contrast of 0.128 (1L) and 0.214 (2L) against the real set's 0.106 and 0.179 (optics.md's
-#: calibration row: 0.11, 0.17). Glare uniform in 0-0.4 per chip brings them there (0.106 /
-#: 0.173); a model trained so scored higher on real bilayers but called specks of bilayer
-#: on simulated scans, so the shipped recipe leaves it at 0 (docs/model_card.md).
 #: post-gamma noise (8-bit levels, sigma); real tiles keep ~3x the noise of shot noise alone
 OUTPUT_NOISE_RANGE = (0.0, 4.0)
 
@@ -168,7 +163,12 @@ def randomised_chip(
             "vignetting": float(rng.uniform(0.0, 0.2)),
             "illumination_tilt": float(rng.uniform(*TILT_RANGE)),
             "illumination_tilt_deg": float(rng.uniform(0, 360)),
-            # no draw at 0: the shipped model's training tiles stay as they were
+            # The thin-film optics give SiO2/Si tiles a median red contrast of 0.128 (1L) and
+            # 0.214 (2L) against the real set's 0.106 and 0.179 (optics.md: 0.11, 0.17); glare
+            # up to 0.4 brings them there (0.106 / 0.173). A model trained so scored higher on
+            # real bilayers but called specks of bilayer on simulated scans, so the shipped
+            # recipe leaves it at 0 (docs/model_card.md), where there is no draw and the
+            # shipped model's training tiles stay as they were.
             "veiling_glare": float(rng.uniform(0, glare_max)) if glare_max > 0 else 0.0,
         },
         camera={
