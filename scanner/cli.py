@@ -90,10 +90,10 @@ def synth(
         raise fail(str(e)) from None
     if out.exists() and any(out.iterdir()):
         raise fail(f"{out} already exists and is not empty; choose a new folder")
-    if rig_look and (cvd_share or transparent_share):
+    if rig_look and (cvd_share or transparent_share or glare_max):
         raise fail(
-            "--cvd-share and --transparent-share make randomised chips; --rig-look keeps the "
-            "rig's own chip"
+            "--cvd-share, --transparent-share and --glare-max make randomised chips; --rig-look "
+            "keeps the rig's own chip and optics"
         )
     with Progress(
         TextColumn("[bold]synth"),

@@ -254,3 +254,25 @@ def test_glare_max_adds_veiling_glare_per_chip_and_zero_keeps_none(tmp_path) -> 
     assert set(glare(plain)) == {0.0}
     with pytest.raises(ValueError, match="glare_max"):
         write_synthetic_dataset(small_rig_config(), tmp_path / "x", count=1, glare_max=1.5)
+    with pytest.raises(ValueError, match="glare_max needs randomised chips"):
+        write_synthetic_dataset(
+            small_rig_config(), tmp_path / "x", count=1, glare_max=0.4, randomise=False
+        )
+    assert not (tmp_path / "x").exists()
+    both = CliRunner().invoke(
+        app,
+        [
+            "synth",
+            "--config",
+            "configs/simulated.yaml",
+            "--count",
+            "1",
+            "--out",
+            str(tmp_path / "y"),
+            "--glare-max",
+            "0.4",
+            "--rig-look",
+        ],
+    )
+    assert both.exit_code == 2 and "--glare-max" in both.output and "--rig-look" in both.output
+    assert not (tmp_path / "y").exists()

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..unicore import closing_core
 from .config import SimulatedRigConfig
-from .optics import RESIDUE_CODE
+from .optics import RESIDUE_CODE, Substrate
 from .rig import create_simulated_core
 
 log = structlog.get_logger("flakescan.synth")
@@ -50,7 +50,7 @@ class TileRecipe:
     jpeg_quality: int
     crosstalk: float = 0.0
     growth: Literal["exfoliated", "cvd"] = "exfoliated"
-    substrate: str = "sio2_si"
+    substrate: Substrate = "sio2_si"
     illumination_tilt: float = 0.0
     output_noise_dn: float = 0.0
     veiling_glare: float = 0.0
@@ -234,6 +234,8 @@ def write_synthetic_dataset(
             raise ValueError(f"{name} needs randomised chips: the rig's own look is its own chip")
     if not 0 <= glare_max <= 1:
         raise ValueError(f"glare_max is a fraction of the mean light, 0..1; got {glare_max}")
+    if glare_max and not randomise:
+        raise ValueError("glare_max needs randomised chips: the rig's own look is its own optics")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; choose a new folder")
@@ -253,7 +255,7 @@ def write_synthetic_dataset(
                 randomise=randomise,
                 cvd_share=cvd_share,
                 transparent_share=transparent_share,
-                glare_max=glare_max if randomise else 0.0,
+                glare_max=glare_max,
             )
             n = min(tiles_per_chip, count - written)
             with closing_core(create_simulated_core(cfg)) as core:
