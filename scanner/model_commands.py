@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, get_args
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -237,13 +237,26 @@ def evaluate(
             min=0, help="List the images that cost the mean per-class accuracy most (0: none)."
         ),
     ] = 5,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="Contrast reference rule to read with: mean, median, bright or hue (default: "
+            "the net's own; `bright` nets are read with `hue`, model/unet/reference.py)."
+        ),
+    ] = None,
 ) -> None:
     """Score a checkpoint on a dataset folder: pixel accuracy, IoU, region accuracy, ROC/PR."""
     from model.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
     from model.evaluate import evaluate as run_evaluation
     from model.segmenter import Segmenter
     from model.train import resolve_device
+    from model.unet.reference import ContrastReference
 
+    rules = get_args(ContrastReference)
+    if reference is not None and reference not in rules:
+        raise fail(
+            f"--reference {reference!r} is not a contrast reference; choose from {', '.join(rules)}"
+        )
     dataset = _load(data)
     if checkpoint is None:
         checkpoint = DEFAULT_CHECKPOINT
@@ -254,9 +267,13 @@ def evaluate(
             device=resolve_device(device),
             batch_size=batch_size,
             plain_posterior=plain_posterior,
+            reference=reference,
         )
     except (CheckpointError, FileNotFoundError) as e:
         raise fail(str(e)) from None
+    trained = segmenter.config.contrast_reference
+    if segmenter.config.input_contrast and segmenter.reference != trained:
+        console.print(f"contrast reference: {segmenter.reference} (the net trained with {trained})")
     with _progress() as bar:
         task = bar.add_task("evaluate", total=len(dataset), status="")
         scores = run_evaluation(

@@ -4,7 +4,8 @@
 #   scripts/train_default_model.sh [WORKDIR]      # default WORKDIR: /tmp/flakescan-default-model
 #
 # It made the weights in model/weights/default.pt (docs/model_card.md: data, recipe, time and
-# scores): the `small` preset (optical contrast against the brighter half of each tile) with the
+# scores): the `small` preset (optical contrast against the brighter half of each tile; the
+# Segmenter reads the result against the `hue` reference, model/unet/reference.py) with the
 # `synthetic` augmentation set, which redraws each layer's colour from the exact masks.
 #
 # Writes WORKDIR/synth-train (tiles with a randomised look per chip), WORKDIR/synth-rig (tiles in

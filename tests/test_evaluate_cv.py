@@ -158,6 +158,10 @@ def test_model_commands(folder, tmp_path) -> None:
         app, ["evaluate", "--data", str(folder), "--checkpoint", str(tmp_path / "nope.pt")]
     )
     assert missing.exit_code == 2 and "nope.pt" in missing.output
+    unknown = runner.invoke(
+        app, ["evaluate", "--data", str(folder), "--checkpoint", str(ckpt), "--reference", "x"]
+    )
+    assert unknown.exit_code == 2 and "'x'" in unknown.output and "hue" in unknown.output
     bad_data = runner.invoke(
         app, ["evaluate", "--data", str(tmp_path / "none"), "--checkpoint", str(ckpt)]
     )

@@ -320,11 +320,11 @@ def test_windows_take_their_contrast_against_the_whole_image() -> None:
     np.testing.assert_allclose(tile_probs, against_itself.numpy(), atol=1e-5)
 
 
-def test_image_reference_is_on_for_bright_only_unless_asked() -> None:
+def test_image_reference_is_on_for_bright_and_hue_only_unless_asked() -> None:
     torch.manual_seed(0)
     image = np.random.default_rng(1).integers(60, 200, (32, 64, 3), dtype=np.uint8)
     image[:, :32] //= 2  # the left window much darker than the image
-    for reference, default in (("bright", True), ("median", False), ("mean", False)):
+    for reference, default in (("bright", True), ("hue", True), ("median", False), ("mean", False)):
         config = UNetConfig(width=4, depth=2, input_contrast=True, contrast_reference=reference)
         net = build_unet(config).eval()
         assert Segmenter(net, window=32, overlap=0).image_reference is default
@@ -335,3 +335,43 @@ def test_image_reference_is_on_for_bright_only_unless_asked() -> None:
         np.testing.assert_allclose(chosen, whole if default else own, atol=1e-6)
     plain = build_unet(UNetConfig(width=4, depth=2)).eval()
     assert Segmenter(plain, window=32, overlap=0, image_reference=True).image_reference is False
+
+
+def test_bright_nets_are_read_with_hue_which_finds_the_substrate_under_a_film() -> None:
+    """A window-sized tile a monolayer film covers but for a strip of oxide: a `bright` net is
+    read against `hue`'s reference (the oxide), not its own (the film); `reference="bright"`
+    reads it exactly as trained, and on a tile that is mostly oxide the two agree."""
+    from model.unet.model import reference_colours
+
+    torch.manual_seed(0)
+    net = build_unet(
+        UNetConfig(width=4, depth=2, input_contrast=True, contrast_reference="bright")
+    ).eval()
+    oxide, film = np.array([196, 192, 246]), np.array([166, 180, 210])  # a real CVD image's
+    rng = np.random.default_rng(0)
+    tile = np.broadcast_to(film, (32, 32, 3)).copy()
+    tile[:2] = oxide  # 6 % oxide
+    tile = np.clip(tile + rng.normal(0, 1, tile.shape), 0, 255).astype(np.uint8)
+    read = Segmenter(net, window=32, overlap=0)
+    assert read.reference == "hue" and read.image_reference
+    x = torch.from_numpy(tile).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        as_hue = torch.softmax(net(x, reference_colours(x, "hue")), 1)[0].numpy()
+        as_trained = torch.softmax(net(x), 1)[0].numpy()
+    assert np.abs(as_hue - as_trained).max() > 1e-3
+    np.testing.assert_allclose(read.predict(tile)[0], as_hue, atol=1e-5)
+    np.testing.assert_allclose(
+        Segmenter(net, window=32, overlap=0, reference="bright").predict(tile)[0],
+        as_trained,
+        atol=1e-5,
+    )
+    mostly_oxide = tile.copy()
+    mostly_oxide[4:] = np.clip(oxide + rng.normal(0, 1, (28, 32, 3)), 0, 255)
+    np.testing.assert_array_equal(
+        read.predict(mostly_oxide)[0],
+        Segmenter(net, window=32, overlap=0, reference="bright").predict(mostly_oxide)[0],
+    )
+    median_net = build_unet(
+        UNetConfig(width=4, depth=2, input_contrast=True, contrast_reference="median")
+    )
+    assert Segmenter(median_net).reference == "median"  # other nets keep their own rule

@@ -318,6 +318,65 @@ def test_bright_reference_stays_on_the_oxide_when_flakes_cover_most_of_the_field
     assert UNetConfig(width=4, depth=2, input_contrast=True, contrast_reference="bright")
 
 
+def _field(substrate: list[float], flake: list[float], flake_rows: int, size: int = 40):
+    """A size×size image of `substrate` whose first `flake_rows` rows are `flake`, with camera
+    noise (the references are medians, not values)."""
+    x = torch.tensor(substrate).view(3, 1, 1).expand(3, size, size).clone()
+    x[:, :flake_rows] = torch.tensor(flake).view(3, 1, 1)
+    return x + 0.002 * torch.randn_like(x)
+
+
+def test_hue_reference_finds_a_few_percent_of_substrate_beside_a_film() -> None:
+    """Colours of a real CVD image: a monolayer film over 95 % of the field (darker in red,
+    greener), 5 % oxide. `bright` lands on the film; `hue` finds the oxide by its hue."""
+    from model.unet.reference import reference_colours
+
+    torch.manual_seed(0)
+    oxide, film = [0.77, 0.75, 0.96], [0.65, 0.71, 0.82]
+    x = _field(oxide, film, flake_rows=38)  # 2 of 40 rows oxide
+    assert torch.allclose(reference_colours(x, "hue").flatten(), torch.tensor(oxide), atol=0.005)
+    assert torch.allclose(reference_colours(x, "bright").flatten(), torch.tensor(film), atol=0.01)
+
+
+def test_hue_reference_leaves_thick_flakes_stage_and_glare_to_bright() -> None:
+    """Pixels that are less green than the oxide but no thin film's substrate: a pink thick
+    flake far brighter in red, the black stage, clipped white glare. The oxide stands."""
+    from model.unet.reference import reference_colours
+
+    torch.manual_seed(0)
+    oxide = [0.38, 0.38, 0.45]
+    for other in ([0.74, 0.62, 0.66], [0.01, 0.0, 0.02], [1.0, 1.0, 1.0]):
+        x = _field(oxide, other, flake_rows=6).clamp(0, 1)  # 15 % of the field
+        ref = reference_colours(x, "hue").flatten()
+        assert torch.allclose(ref, torch.tensor(oxide), atol=0.005), (other, ref)
+
+
+def test_hue_reference_is_bright_where_the_monolayer_keeps_the_substrates_hue() -> None:
+    """On some oxides a monolayer only darkens the field (the simulated rig's): by hue it is
+    substrate, and the median of both would be read as the oxide. Not brighter in red than
+    `bright`'s pick, so `bright` stands, to the last bit."""
+    from model.unet.reference import reference_colours
+
+    torch.manual_seed(0)
+    oxide = [0.65, 0.57, 0.73]
+    x = _field(oxide, [0.9 * c for c in oxide], flake_rows=16)  # 40 % monolayer
+    assert torch.equal(reference_colours(x, "hue"), reference_colours(x, "bright"))
+    assert torch.allclose(reference_colours(x, "hue").flatten(), torch.tensor(oxide), atol=0.005)
+
+
+def test_hue_reference_is_per_image_for_any_leading_dims() -> None:
+    from model.unet.reference import reference_colours
+
+    torch.manual_seed(0)
+    x = torch.stack([_field([0.6, 0.55, 0.8], [0.5, 0.54, 0.7], r) for r in (5, 20, 36)])
+    batch = reference_colours(x.view(3, 1, 3, 40, 40), "hue")
+    assert batch.shape == (3, 1, 3, 1, 1)
+    for i in range(3):
+        assert torch.equal(batch[i, 0], reference_colours(x[i], "hue"))
+    with pytest.raises(ValueError, match="unknown contrast reference 'brightest'"):
+        reference_colours(x, "brightest")  # type: ignore[arg-type]
+
+
 def test_input_raw_lets_the_net_see_absolute_colour_beside_contrast() -> None:
     """A field mostly covered by one flake has the flake as its median, so contrast alone maps
     it like bare substrate; with input_raw the net sees six planes and tells them apart."""

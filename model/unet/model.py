@@ -13,12 +13,17 @@ we follow the four poolings, which give the 64 → 1024 progression of the origi
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from .reference import (  # noqa: F401  (optical_contrast: part of this module's API)
+    ContrastReference,
+    contrast_against,
+    optical_contrast,
+    reference_colours,
+)
 
 
 class UNetConfig(BaseModel):
@@ -40,11 +45,12 @@ class UNetConfig(BaseModel):
         description="feed the optical contrast x / ref(x) - 1 of each image and channel "
         "(×CONTRAST_GAIN) instead of the raw 0..1 pixels",
     )
-    contrast_reference: Literal["mean", "median", "bright"] = Field(
+    contrast_reference: ContrastReference = Field(
         "mean",
-        description="ref(x) for input_contrast: the image's mean or median per channel, or "
-        "`bright`, the median of the pixels at or above the median in red (thin MoS2 darkens "
-        "red, so these are substrate even where thin flakes cover most of the field)",
+        description="ref(x) for input_contrast: the image's mean or median per channel; "
+        "`bright`, the median of the pixels at or above the median in red; or `hue`, `bright` "
+        "unless a brighter surface of the least green hue shows the substrate under a film "
+        "(model/unet/reference.py)",
     )
     input_raw: bool = Field(
         False,
@@ -215,44 +221,6 @@ class UNet(nn.Module):
         for block in self.decoder:
             x = block(x, skips.pop())
         return self.head(x)
-
-
-#: optical contrast of a monolayer is ~0.1 at 100× on 300 nm oxide: scaled to order 1
-CONTRAST_GAIN = 10.0
-
-
-def optical_contrast(x: torch.Tensor, reference: str = "mean") -> torch.Tensor:
-    """Per image and channel, x / ref(x) - 1, times CONTRAST_GAIN (see `reference_colours`)."""
-    return contrast_against(x, reference_colours(x, reference))
-
-
-def contrast_against(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """x / reference - 1 times CONTRAST_GAIN, per channel."""
-    return (x / reference.clamp_min(1e-3) - 1) * CONTRAST_GAIN  # a black frame stays finite
-
-
-def reference_colours(x: torch.Tensor, reference: str = "mean") -> torch.Tensor:
-    """The colours each image's contrast is taken against: ...×C×1×1.
-
-    Most of a tile is substrate, so this is the flake-to-substrate contrast that labs read
-    layer counts from; channel gains (lamp colour, white balance, exposure) cancel. The median
-    stays on the substrate when a tile also holds the dark stage beyond the chip's edge or big
-    thick flakes, which drag the mean off it. Neither does when flakes cover more than half
-    the field, as CVD films often do; `bright` takes the median of the half of the pixels that
-    are brightest in red, where thin MoS2 and the stage are darker than the oxide, so the
-    reference stays on the oxide while a quarter of the field shows it. A thick flake brighter
-    than the oxide that covers a quarter of the field pulls it off (docs/model_card.md).
-    """
-    if reference == "median":
-        ref = x.flatten(-2).median(dim=-1).values[..., None, None]
-    elif reference == "bright":
-        flat = x.flatten(-2)
-        red = flat[..., :1, :]  # any leading dims, as the other references allow
-        brighter = red >= red.median(dim=-1, keepdim=True).values
-        ref = flat.masked_fill(~brighter, float("nan")).nanmedian(dim=-1).values[..., None, None]
-    else:
-        ref = x.mean(dim=(-2, -1), keepdim=True)
-    return ref
 
 
 def check_input_size(config: UNetConfig, height: int, width: int) -> None:
