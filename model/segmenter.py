@@ -32,7 +32,7 @@ Window = tuple[int, int, torch.Tensor]  # top, left, window×window blending wei
 #: largest result predict() page-locks: 64 tiles' probabilities (3 × 512² float32 each)
 PINNED_MAX_BYTES = 64 * 3 * 512 * 512 * 4
 # Nets trained against `bright` are read against `hue`: the same wherever the substrate is most
-# of the field (every one of 192 held-out synthetic tiles, 95 % of training crops), and the
+# of the field (191 of 192 held-out synthetic tiles, 96 % of training crops), and the
 # substrate's own colour where a film hides it from `bright` (model/unet/reference.py). The
 # shipped model on the real set: 0.645 -> 0.715 mean per-class accuracy; a second training run
 # of its recipe 0.557 -> 0.625.
