@@ -88,7 +88,7 @@ def train(
     from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from model.data import preload
     from model.evaluate import evaluate
-    from model.segmenter import Segmenter
+    from model.segmenter import READ_AS, Segmenter
     from model.train import train as run_training
     from model.unet import PRESETS
 
@@ -133,6 +133,16 @@ def train(
             )
         cfg = cfg.model_copy(update={"preset": net, "split_other": split})
         init_values = init_meta.training.get("other_values")
+        # Train against the reference the net will be read with (the Segmenter's READ_AS):
+        # fine-tuned on 25 real images, the shipped net scored 0.748 / 0.660 on two splits
+        # this way against 0.721 / 0.600 with its crops read against `bright`.
+        trained = model.config.contrast_reference
+        if model.config.input_contrast and trained in READ_AS:
+            model.config = model.config.model_copy(update={"contrast_reference": READ_AS[trained]})
+            console.print(
+                f"fine-tuning against the `{READ_AS[trained]}` contrast reference, which the net "
+                f"(trained with `{trained}`) is read with"
+            )
     other_values = None
     if cfg.split_other:
         other_values = _same_other_values(datasets, init, init_values)

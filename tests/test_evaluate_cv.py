@@ -217,6 +217,28 @@ def test_lab_recipe_trains_a_colour_aware_net_on_a_cosine_schedule(folder, tmp_p
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_fine_tuning_a_bright_net_trains_it_against_the_reference_it_is_read_with(
+    folder, tmp_path
+) -> None:
+    """The Segmenter reads `bright` nets against `hue`; `--init` fine-tunes them against it too,
+    says so, and the checkpoint records `hue`. Other nets keep their rule."""
+    from model.checkpoint import save_checkpoint
+    from model.unet.model import UNetConfig, build_unet
+
+    runner = CliRunner()
+    short = ["--epochs", "1", "--samples-per-epoch", "4", "--crop", "32", "--augment", "none"]
+    for rule, after in (("bright", "hue"), ("median", "median")):
+        config = UNetConfig(width=4, depth=2, input_contrast=True, contrast_reference=rule)
+        start, tuned = tmp_path / f"{rule}.pt", tmp_path / f"{rule}-tuned.pt"
+        save_checkpoint(start, build_unet(config), config)
+        args = ["train", "--data", str(folder), "--init", str(start), "--out", str(tuned)]
+        result = runner.invoke(app, [*args, *short])
+        assert result.exit_code == 0, result.output
+        assert ("against the `hue` contrast reference" in result.output) is (rule == "bright")
+        assert torch.load(tuned, weights_only=True)["meta"]["config"]["contrast_reference"] == after
+        assert Segmenter.from_checkpoint(tuned).reference == after
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [(["--recipe", "fast"], "unknown recipe 'fast'"), (["--lr-schedule", "linear"], "lr_schedule")],
