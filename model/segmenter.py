@@ -16,7 +16,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -100,6 +100,11 @@ class Segmenter:
         self.config = config
         if reference is None:
             reference = READ_AS.get(config.contrast_reference, config.contrast_reference)
+        rules = get_args(ContrastReference)
+        if reference not in rules:
+            raise ValueError(
+                f"{reference!r} is not a contrast reference; choose from {', '.join(rules)}"
+            )
         #: the rule the contrast reference is found by here (the net's own, or READ_AS's)
         self.reference: ContrastReference = reference
         if image_reference is None:
@@ -139,6 +144,11 @@ class Segmenter:
                 self._compiled = torch.compile(net)
             except Exception as exc:  # e.g. a Python version torch.compile does not support yet
                 warnings.warn(f"torch.compile unavailable ({exc}); running eagerly", stacklevel=2)
+
+    @property
+    def reference_overridden(self) -> bool:
+        """Whether the contrast reference is found by another rule than the net trained with."""
+        return self.config.input_contrast and self.reference != self.config.contrast_reference
 
     @classmethod
     def from_checkpoint(
@@ -259,11 +269,7 @@ class Segmenter:
         x = x.permute(0, 3, 1, 2).float().mul_(self.scale)
         if not self.channels_last:
             x = x.contiguous()
-        if (
-            refs is None
-            and self.config.input_contrast
-            and self.reference != self.config.contrast_reference
-        ):
+        if refs is None and self.reference_overridden:
             refs = reference_colours(x, self.reference)
         autocast = (
             torch.autocast("cuda", dtype=self.amp_dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, get_args
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -256,17 +256,11 @@ def evaluate(
     ] = None,
 ) -> None:
     """Score a checkpoint on a dataset folder: pixel accuracy, IoU, region accuracy, ROC/PR."""
-    from model.checkpoint import DEFAULT_CHECKPOINT, CheckpointError
+    from model.checkpoint import DEFAULT_CHECKPOINT
     from model.evaluate import evaluate as run_evaluation
     from model.segmenter import Segmenter
     from model.train import resolve_device
-    from model.unet.reference import ContrastReference
 
-    rules = get_args(ContrastReference)
-    if reference is not None and reference not in rules:
-        raise fail(
-            f"--reference {reference!r} is not a contrast reference; choose from {', '.join(rules)}"
-        )
     dataset = _load(data)
     if checkpoint is None:
         checkpoint = DEFAULT_CHECKPOINT
@@ -279,10 +273,10 @@ def evaluate(
             plain_posterior=plain_posterior,
             reference=reference,
         )
-    except (CheckpointError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # a bad checkpoint (CheckpointError) or option
         raise fail(str(e)) from None
-    trained = segmenter.config.contrast_reference
-    if segmenter.config.input_contrast and segmenter.reference != trained:
+    if segmenter.reference_overridden:
+        trained = segmenter.config.contrast_reference
         console.print(f"contrast reference: {segmenter.reference} (the net trained with {trained})")
     with _progress() as bar:
         task = bar.add_task("evaluate", total=len(dataset), status="")

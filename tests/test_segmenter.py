@@ -375,3 +375,6 @@ def test_bright_nets_are_read_with_hue_which_finds_the_substrate_under_a_film() 
         UNetConfig(width=4, depth=2, input_contrast=True, contrast_reference="median")
     )
     assert Segmenter(median_net).reference == "median"  # other nets keep their own rule
+    assert not Segmenter(median_net).reference_overridden and Segmenter(net).reference_overridden
+    with pytest.raises(ValueError, match="'brightest' is not a contrast reference; choose from"):
+        Segmenter(net, reference="brightest")  # type: ignore[arg-type]
