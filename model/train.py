@@ -75,6 +75,8 @@ RECIPES: dict[str, TrainConfig] = {
     # bilayer in some folds, and over three seeds it lowered mean per-class and region accuracy
     # (README, "Cross-validated results").
     "lab": TrainConfig(preset="small-lab", epochs=40, lr_schedule="cosine"),
+    # The same on a GPU with the four-times-wider net: ~1 min a fold of 73 images on an H100.
+    "lab-gpu": TrainConfig(preset="lab-wide", epochs=40, lr_schedule="cosine"),
 }
 
 

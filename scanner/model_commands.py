@@ -59,9 +59,11 @@ def _train_config(recipe: str, **overrides: object) -> TrainConfig:
 def train(
     data: Annotated[list[Path], typer.Option(help="Dataset folder(s); repeat to combine.")],
     out: Annotated[Path, typer.Option(help="Checkpoint file to write (.pt).")],
-    recipe: Annotated[str, typer.Option(help="Defaults to start from: cpu, lab or paper.")] = "cpu",
+    recipe: Annotated[
+        str, typer.Option(help="Defaults to start from: cpu, lab, lab-gpu or paper.")
+    ] = "cpu",
     preset: Annotated[
-        str | None, typer.Option(help="Network: paper, small, small-lab or tiny.")
+        str | None, typer.Option(help="Network: paper, small, small-lab, lab-wide or tiny.")
     ] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     samples_per_epoch: Annotated[int | None, typer.Option(min=1)] = None,

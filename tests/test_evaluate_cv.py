@@ -168,6 +168,19 @@ def test_model_commands(folder, tmp_path) -> None:
     assert bad_data.exit_code == 2
 
 
+def test_lab_gpu_recipe_trains_the_wide_lab_net(folder, tmp_path) -> None:
+    ckpt = tmp_path / "wide.pt"
+    args = ["train", "--data", str(folder), "--out", str(ckpt), "--recipe", "lab-gpu"]
+    args += ["--epochs", "1", "--samples-per-epoch", "2", "--crop", "32", "--augment", "none"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    meta = torch.load(ckpt, weights_only=True)["meta"]
+    assert meta["config"]["width"] == 32
+    assert meta["config"]["input_raw"] and meta["config"]["contrast_reference"] == "median"
+    assert meta["training"]["config"]["lr_schedule"] == "cosine"
+    assert meta["training"]["config"]["epochs"] == 1  # the command line over the recipe
+
+
 def test_lab_recipe_trains_a_colour_aware_net_on_a_cosine_schedule(folder, tmp_path) -> None:
     """`--recipe lab` is the recipe for a lab's own images: the checkpoint records the raw-colour
     net and the cosine rate, and it segments at any image size like any other checkpoint."""

@@ -62,6 +62,8 @@ def test_presets_are_as_documented() -> None:
     assert PRESETS["paper"].dropout == 0.5 and PRESETS["paper"].dropout_layers == 3
     assert PRESETS["tiny"].width == 4 and PRESETS["tiny"].depth == 2
     assert not PRESETS["small"].batch_norm  # see PRESETS: batch statistics misled it
+    # lab-wide is small-lab, four times as wide
+    assert PRESETS["lab-wide"] == PRESETS["small-lab"].model_copy(update={"width": 32})
 
 
 @pytest.mark.parametrize("size", [(30, 32), (32, 34), (17, 17)])
