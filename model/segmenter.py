@@ -11,7 +11,6 @@ nor darkened edges appear.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import warnings
@@ -21,10 +20,10 @@ from typing import Any, get_args
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from model.checkpoint import CLASS_NAMES, Checkpoint, load_checkpoint
-from model.unet import UNet, UpConv
+from model.inference_net import fold_batch_norm, fold_for_inference
+from model.unet import UNet
 from model.unet.model import reference_colours
 from model.unet.reference import ContrastReference
 
@@ -134,7 +133,9 @@ class Segmenter:
             else tuple(map(str, range(config.classes)))
         )
 
-        net = fold_for_inference(model).to(self.device)
+        # On CUDA each convolution and its ReLU run as one cuDNN kernel, in the autocast dtype.
+        cuda = self.device.type == "cuda"
+        net = fold_for_inference(model, fuse_relu=cuda, dtype=self.amp_dtype).to(self.device)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         self._eager: nn.Module = net
@@ -271,14 +272,7 @@ class Segmenter:
             x = x.contiguous()
         if refs is None and self.reference_overridden:
             refs = reference_colours(x, self.reference)
-        autocast = (
-            torch.autocast("cuda", dtype=self.amp_dtype)
-            if self.amp_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            logits = self._forward(x, refs)
-        p = torch.softmax(logits.float(), dim=1)
+        p = torch.softmax(self.logits(x, refs).float(), dim=1)
         if self._class_weights is not None:
             p = p / self._class_weights
             p = p / p.sum(dim=1, keepdim=True)
@@ -287,6 +281,18 @@ class Segmenter:
             other = p[:, :1] + p[:, classes:].sum(dim=1, keepdim=True)
             p = torch.cat([other, p[:, 1:classes]], dim=1)
         return p
+
+    def logits(self, x: torch.Tensor, refs: torch.Tensor | None = None) -> torch.Tensor:
+        """The inference net's raw outputs for a ready input on the device (N×C×H×W floats in
+        the net's input range), under the Segmenter's autocast; ``refs``: contrast references
+        (None: each input's own). ``predict`` builds on it; benchmarks time it alone."""
+        autocast = (
+            torch.autocast("cuda", dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            return self._forward(x, refs)
 
     def _forward(self, x: torch.Tensor, refs: torch.Tensor | None = None) -> torch.Tensor:
         if self._compiled is not None:
@@ -311,68 +317,6 @@ class Segmenter:
             raise ValueError(f"image of zero size: shape {tiles.shape}")
         single = tiles.ndim == 3
         return (tiles[None] if single else tiles), single
-
-
-def fold_batch_norm(model: nn.Module) -> nn.Module:
-    """An eval-mode copy with every Conv2d→BatchNorm2d pair in a Sequential folded into one conv.
-
-    On the CPU batch norm is a separate pass over each feature map and costs as much as the
-    narrow presets' convolutions; folded, the output is the same to float rounding.
-    """
-    model = copy.deepcopy(model).eval()
-    for seq in model.modules():
-        if isinstance(seq, nn.Sequential):
-            for k in range(len(seq) - 1):
-                conv, bn = seq[k], seq[k + 1]
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    seq[k] = fuse_conv_bn_eval(conv, bn)
-                    seq[k + 1] = nn.Identity()
-    return model
-
-
-def fold_for_inference(model: nn.Module) -> nn.Module:
-    """An eval-mode copy with batch norm folded (``fold_batch_norm``) and every up-convolution
-    (nearest ×2 upsampling, bottom/right pad, 2×2 conv) rewritten as the one stride-2 3×3
-    transposed convolution it equals, to float rounding.
-
-    The upsampled map is never built: on an H100 writing and re-reading it took a fifth of the
-    paper net's time, and the transposed form needs 9/16 of the up-convolutions' arithmetic.
-    """
-    model = fold_batch_norm(model)
-    for up in model.modules():
-        if isinstance(up, UpConv) and isinstance(up[2], nn.Conv2d):
-            up[2] = _as_transposed(up[2])
-            up[0] = nn.Identity()  # the upsampling and the pad, now inside the transposed conv
-            up[1] = nn.Identity()
-    return model
-
-
-def _as_transposed(conv: nn.Conv2d) -> nn.ConvTranspose2d:
-    """The stride-2 transposed convolution equal to ``conv`` (2×2) on a nearest-×2-upsampled
-    input padded by one at the bottom and right.
-
-    Output row 2a sees source row a through both kernel rows; row 2a+1 sees row a through
-    kernel row 0 and row a+1 through row 1; columns alike. So transposed tap k (output
-    o = 2a + k - 1) sums the 2×2 taps in TAPS[k], per axis.
-    """
-    taps = torch.tensor([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0]], dtype=conv.weight.dtype)
-    taps = taps.to(conv.weight.device)
-    out = nn.ConvTranspose2d(
-        conv.in_channels,
-        conv.out_channels,
-        3,
-        stride=2,
-        padding=1,
-        output_padding=1,
-        bias=conv.bias is not None,
-        device=conv.weight.device,
-        dtype=conv.weight.dtype,
-    )
-    with torch.no_grad():
-        out.weight.copy_(torch.einsum("yd,xe,oide->ioyx", taps, taps, conv.weight))
-        if conv.bias is not None:
-            out.bias.copy_(conv.bias)
-    return out
 
 
 def _pad_to(images: np.ndarray, window: int) -> np.ndarray:

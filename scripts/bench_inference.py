@@ -14,7 +14,6 @@ Targets are printed beside the figures. Weights are random: speed does not depen
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import time
@@ -23,7 +22,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from model.segmenter import Segmenter, fold_for_inference
+from model.inference_net import fold_for_inference
+from model.segmenter import Segmenter
 from model.unet import PRESETS, build_unet, count_gflops, gflops_per_tile
 
 TILE = 512
@@ -82,28 +82,24 @@ def bench(
     """(batch size, predict tiles/s, forward tiles/s) per batch size."""
     config = PRESETS[preset]
     model = build_unet(config).eval()
+    torch._dynamo.reset()  # presets share UNet.forward's code, and with it the compile cache
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     # The paper net takes seconds per tile on a CPU: one call per figure, warm-up only once.
     slow = not cuda and gflops_per_tile(config) > 100
     compile_ = args.compile and cuda
     segmenter = Segmenter(model, device=device, compile=compile_)
-    forward: Callable[[torch.Tensor], torch.Tensor] = fold_for_inference(model).to(
-        device, memory_format=torch.channels_last
-    )
-    if compile_:
-        forward = torch.compile(forward)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     rows = []
     for k, bs in enumerate(batch_sizes):
         segmenter.batch_size = bs
         tiles = np.random.default_rng(0).integers(0, 256, (bs, TILE, TILE, 3), dtype=np.uint8)
-        x = torch.rand(bs, 3, TILE, TILE, device=device)
-        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():  # as predict's inputs: one compiled graph serves both
+            x = torch.rand(bs, 3, TILE, TILE, device=device)
+            x = x.contiguous(memory_format=torch.channels_last)
 
         def run_forward() -> None:
-            with torch.inference_mode(), autocast:
-                forward(x)  # noqa: B023 - called before the loop moves on
+            with torch.inference_mode():
+                segmenter.logits(x)  # noqa: B023 - called before the loop moves on
 
         kw = {"seconds": 0.0 if slow else args.seconds, "min_calls": 1 if slow else 3}
         kw["warmup"] = k == 0 or not slow
@@ -133,6 +129,9 @@ def main() -> None:
     parser.add_argument("--no-cpu", action="store_true")
     args = parser.parse_args()
 
+    # One static graph per batch size, as a scan with a fixed batch size runs; without this the
+    # second size compiles a dynamic-shape graph that the later sizes share.
+    torch._dynamo.config.automatic_dynamic_shapes = False
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     print(

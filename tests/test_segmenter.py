@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from model.checkpoint import save_checkpoint
-from model.segmenter import Segmenter, fold_batch_norm, fold_for_inference
+from model.inference_net import fold_batch_norm, fold_for_inference
+from model.segmenter import Segmenter
 from model.unet import UNet, UNetConfig, build_unet
 
 RNG = np.random.default_rng(0)
