@@ -22,9 +22,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from model.unet import UpConv
 
-# Set when cuDNN refused the fused kernel (an old cuDNN or GPU, cuDNN turned off): from then on
-# the separate convolution and ReLU run, with one warning.
-_cudnn_fusion_failed = False
+# The (dtype, input channels, kernel) of convolutions cuDNN refused to fuse (an old cuDNN or
+# GPU): those run as a separate convolution and ReLU from then on, after one warning.
+_cudnn_refused: set[tuple[torch.dtype, int, int]] = set()
 
 
 @torch.library.custom_op("flakescan::conv2d_relu", mutates_args=())
@@ -35,15 +35,20 @@ def conv2d_relu(
 
     A custom op so that torch.compile keeps it as one call (it has no meta kernel of its own).
     """
-    global _cudnn_fusion_failed
-    if x.is_cuda and not _cudnn_fusion_failed:
+    key = (x.dtype, int(weight.shape[1]), int(weight.shape[-1]))
+    # cudnn_convolution_relu does not look at this switch itself; a user who turned cuDNN off
+    # gets no cuDNN here either.
+    if x.is_cuda and torch.backends.cudnn.enabled and key not in _cudnn_refused:
         try:
             y = torch.cudnn_convolution_relu(x, weight, bias, (1, 1), (padding, padding), (1, 1), 1)
             return y.contiguous(memory_format=torch.channels_last)
+        except torch.OutOfMemoryError:
+            raise  # the batch is too large; running apart would need more memory, not less
         except RuntimeError as exc:
-            _cudnn_fusion_failed = True
+            _cudnn_refused.add(key)
             warnings.warn(
-                f"cuDNN's fused convolution + ReLU is unavailable ({exc}); running them apart",
+                f"cuDNN's fused convolution + ReLU is unavailable for {key} ({exc}); running "
+                "those apart",
                 stacklevel=2,
             )
     y = F.relu(F.conv2d(x, weight, bias, padding=padding))
@@ -62,7 +67,9 @@ class ConvReLU(nn.Module):
     """A stride-1 Conv2d and the ReLU after it as one ``conv2d_relu`` call.
 
     ``dtype``: the precision it computes in (the Segmenter's autocast dtype). Autocast does not
-    reach into a custom op, so the input is cast here and the weights once, up front.
+    reach into a custom op, so the input is cast here and the weights once, up front; its
+    output is in that dtype, so a net with bf16 ConvReLUs runs under autocast, which casts for
+    the layers between them. Output is channels-last, whatever the input's layout.
     """
 
     def __init__(self, conv: nn.Conv2d, dtype: torch.dtype | None = None) -> None:
@@ -71,6 +78,8 @@ class ConvReLU(nn.Module):
             raise ValueError(f"ConvReLU takes stride-1 ungrouped convolutions, got {conv}")
         if isinstance(conv.padding, str) or conv.padding[0] != conv.padding[1]:
             raise ValueError(f"ConvReLU takes equal padding on both axes, got {conv.padding}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"ConvReLU pads with zeros only, got {conv.padding_mode!r}")
         dtype = dtype or conv.weight.dtype
         weight = conv.weight.detach().to(dtype, memory_format=torch.channels_last)
         bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)

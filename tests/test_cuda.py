@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from model import inference_net
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.inference_net import ConvReLU, conv2d_relu
 from model.segmenter import Segmenter
 from model.train import TrainConfig, train
 from model.unet import PRESETS, build_unet
@@ -83,6 +85,34 @@ def test_gpu_inference_matches_the_cpu(small_lab, monkeypatch, amp: bool) -> Non
     tol = 0.1 if amp else 1e-3
     _agree(cpu.predict(tiles), gpu.predict(tiles), tol)
     _agree(cpu.predict(image), gpu.predict(image), tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("planes", [3, 6, 64])  # the paper net's input, small-lab's, a middle layer
+def test_cudnn_fuses_convolution_and_relu(monkeypatch, dtype: torch.dtype, planes: int) -> None:
+    # A refusal would only warn and fall back, which the Segmenter tests cannot tell apart.
+    monkeypatch.setattr(inference_net, "_cudnn_refused", set())
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    x = torch.rand(2, planes, 40, 56, device="cuda", dtype=dtype)
+    if dtype == torch.bfloat16:  # the Segmenter's layout; fp32 comes in ordinary layout
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, planes, 3, 3, device="cuda", dtype=dtype) / planes**0.5
+    b = torch.randn(16, device="cuda", dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = conv2d_relu(x, w, b, 1)
+    assert not inference_net._cudnn_refused
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == dtype
+    want = torch.relu(torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1))
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4  # fp32: no TF32 either
+    assert ((got.double() - want).norm() / want.norm()).item() < tol
+
+
+def test_gpu_segmenter_runs_the_fused_net(small_lab) -> None:
+    seg = Segmenter(small_lab, device="cuda")
+    fused = [m for m in seg._eager.modules() if isinstance(m, ConvReLU)]
+    assert len(fused) == 18  # every 3×3 convolution of a depth-4 net
+    assert {m.weight.dtype for m in fused} == {seg.amp_dtype}
 
 
 def test_compiled_segmenter_matches_eager(small_lab) -> None:

@@ -1,6 +1,7 @@
 """The convolution + ReLU fusion the Segmenter uses on CUDA: same function, one op per pair, and
 an op torch.compile can trace. On the CPU the op runs the separate convolution and ReLU, so
-these tests check the rewrite and the op's contract; tests/test_cuda.py checks cuDNN's kernel."""
+these tests check the rewrite and the op's contract; tests/test_cuda.py checks cuDNN's kernel
+(test_cudnn_fuses_convolution_and_relu)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ def test_conv_relu_refuses_what_it_cannot_run() -> None:
         ConvReLU(nn.Conv2d(3, 4, 3, stride=2))
     with pytest.raises(ValueError, match="equal padding"):
         ConvReLU(nn.Conv2d(3, 4, 3, padding=(1, 0)))
+    with pytest.raises(ValueError, match="zeros only"):
+        ConvReLU(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
 
 
 def test_the_cpu_segmenter_keeps_separate_convolutions() -> None:

@@ -117,7 +117,7 @@ PRESETS: dict[str, UNetConfig] = {
         contrast_reference="median",
         input_raw=True,
     ),
-    # small-lab four times as wide, for a lab with a GPU (16× the arithmetic, ~105 GFLOP a
+    # small-lab four times as wide, for a lab with a GPU (16× the arithmetic, 110 GFLOP a
     # tile): in 3-fold CV on the real set +0.02-0.03 mean per-class accuracy on seeds 0 and 1
     # (README, "Cross-validated results"); on a 2-core CPU a training run would take hours.
     "lab-wide": UNetConfig(
