@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--init-scores", type=Path, help="scores JSON of --init on the same split (skips that run)"
     )
+    ap.add_argument(
+        "--train-extra",
+        default="",
+        help="more `flakescan train` options, after the recipe's (the last value wins), e.g. "
+        "'--lr 1e-4 --epochs 15': to try a variant of the recipe",
+    )
     args = ap.parse_args(argv)
     if args.work.resolve().is_relative_to(REPO_ROOT):
         print("--work must be outside the repository (real images are linked there)")
@@ -87,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     w = args.work
     summary: dict = {"train_images": len(train), "test_images": len(test), "seed": args.seed}
+    summary["train_args"] = [*FINETUNE_ARGS, *shlex.split(args.train_extra)]
     if args.init_scores:
         shutil.copy(args.init_scores, w / "init.json")
     else:
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, extra in runs:
         summary[f"{name}_train_s"] = flakescan(
             "train", "--data", str(w / "train"), "--out", str(w / f"{name}.pt"),
-            "--seed", str(args.seed), *FINETUNE_ARGS, *extra,
+            "--seed", str(args.seed), *FINETUNE_ARGS, *shlex.split(args.train_extra), *extra,
         )  # fmt: skip
         flakescan(
             "evaluate", "--data", str(w / "test"), "--checkpoint", str(w / f"{name}.pt"),
