@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,31 @@ def test_finetune_split_links_whole_samples_outside_the_repo(tmp_path) -> None:
     inside = ft.REPO_ROOT / "runs" / "ft-should-not-exist"
     assert ft.main(["--data", str(ds.root), "--work", str(inside)]) == 2
     assert not inside.exists()
+
+
+def test_finetune_train_extra_lands_after_the_recipe(tmp_path, monkeypatch) -> None:
+    ft = _script("finetune_experiment")
+    calls: list[tuple[str, ...]] = []
+
+    def record(*args: str) -> float:  # the real commands are tested in test_evaluate_cv.py
+        calls.append(args)
+        if args[0] == "evaluate":
+            Path(args[args.index("--json") + 1]).write_text('{"mean_pixel_accuracy": 0.5}')
+        return 0.0
+
+    monkeypatch.setattr(ft, "flakescan", record)
+    ds = load_dataset(_folder(tmp_path / "real", source=None))
+    work = tmp_path / "work"
+    extra = "--lr 1e-4 --lr-schedule cosine"
+    args = ["--data", str(ds.root), "--work", str(work), "-n", "2", "--train-extra", extra]
+    assert ft.main(args) == 0
+    assert ft.main(["--data", str(ds.root), "--work", str(work), "-n", "2"]) == 2  # work exists
+    (train,) = [c for c in calls if c[0] == "train"]
+    # typer takes the last value of a repeated option: the variant's rate, not the recipe's
+    assert train[train.index("--lr", train.index("--lr") + 1) + 1] == "1e-4"
+    assert train[-4:-2] == ("--lr-schedule", "cosine") and train[-2] == "--init"
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["train_args"][-4:] == ["--lr", "1e-4", "--lr-schedule", "cosine"]
 
 
 def test_bench_training_projects_a_recipe_from_its_measured_rate(monkeypatch, capsys) -> None:
