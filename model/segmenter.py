@@ -173,15 +173,23 @@ class Segmenter:
         return segmenter
 
     @torch.inference_mode()
-    def predict(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(
+        self, tiles: np.ndarray, references: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities and labels for N×H×W×3 (or one H×W×3) uint8 images.
 
         Returns ``(probabilities, labels)``: N×classes×H×W float32 summing to 1 over the class
         axis (the model's and torch's layout), and N×H×W uint8 argmax labels (0 other,
         1 monolayer, 2 bilayer). A single image gives classes×H×W and H×W.
+
+        ``references``: N×C (or C) colours, in the net's input scale, to take each image's
+        optical contrast against instead of the one its own pixels give (``references``): the
+        scanner passes the chip's oxide colour for tiles a film fills. Only for nets that take
+        the optical contrast.
         """
         images, single = self._as_batch(tiles)
         n, height, width, _ = images.shape
+        given = None if references is None else self._given_references(references, n)
         probs = self._host_empty((n, self.config.classes, height, width), torch.float32)
         labels = self._host_empty((n, height, width), torch.uint8)
         if n == 0:
@@ -192,6 +200,7 @@ class Segmenter:
         # against the whole image's reference, which more often has substrate in it.
         whole = len(windows) == 1 and padded.shape == images.shape
         refs = None if whole or not self.image_reference else self._references(images)
+        refs = given if given is not None else refs
         if len(windows) == 1:
             for b in range(0, n, self.batch_size):
                 ref = None if refs is None else refs[b : b + self.batch_size]
@@ -201,6 +210,37 @@ class Segmenter:
         else:
             self._blend(padded, windows, probs, labels, refs)
         return (probs[0], labels[0]) if single else (probs, labels)
+
+    def references(self, tiles: np.ndarray) -> np.ndarray:
+        """N×C float32 (C for one image): each image's own contrast reference, by this
+        Segmenter's rule (``reference``), in the net's input scale."""
+        self._need_contrast("references")
+        images, single = self._as_batch(tiles)
+        if len(images) == 0:
+            return np.empty((0, self.config.in_channels), np.float32)
+        refs = self._references(images).flatten(1).float().cpu().numpy()
+        return refs[0] if single else refs
+
+    def _need_contrast(self, what: str) -> None:
+        if not self.config.input_contrast:
+            raise ValueError(
+                f"{what}: this net takes raw pixels (input_contrast is off); it has no contrast "
+                "reference"
+            )
+
+    def _given_references(self, references: np.ndarray, n: int) -> torch.Tensor:
+        """predict()'s ``references`` checked, as N×C×1×1 on the device."""
+        self._need_contrast("references")
+        refs = np.asarray(references, dtype=np.float32)
+        refs = refs[None] if refs.ndim == 1 else refs
+        if refs.shape != (n, self.config.in_channels):
+            raise ValueError(
+                f"references: expected {n}×{self.config.in_channels} (one colour per image), "
+                f"got shape {np.shape(references)}"
+            )
+        if not np.isfinite(refs).all() or (refs <= 0).any():
+            raise ValueError("references must be positive finite colours (0..1 scale)")
+        return torch.from_numpy(refs).to(self.device)[:, :, None, None]
 
     def _host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
         """A result array; from a GPU, in page-locked memory, which the GPU copies into ~50×

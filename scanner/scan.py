@@ -31,6 +31,7 @@ from pymmcore_plus import CMMCorePlus
 from model.segmenter import Segmenter
 
 from .acquisition import Acquisition, FieldResult, RefocusConfig, StageLimits
+from .chip_reference import ChipReference
 from .flakemap import (
     SCHEMA_VERSION,
     ChipFrame,
@@ -118,6 +119,10 @@ class Scan:
             rotation_deg=cfg.chip_rotation_deg,
         )
         self._acquisition: Acquisition | None = None
+        #: the oxide's colour for tiles a film fills (scan.model.chip_reference), or None
+        self.chip_reference: ChipReference | None = None
+        if cfg.model.chip_reference and segmenter.config.input_contrast:
+            self.chip_reference = ChipReference()
         #: the flat-field gain frames are divided by for the model and the overview
         self._gain: np.ndarray | None = None
         self._stop_requested = False
@@ -388,6 +393,12 @@ class Scan:
                 gain = estimate_flat_field(frames, fc.degree)
             except FlatFieldError as e:
                 raise ScanError(f"flat field (scan.flat_field): {e}") from None
+            if self.chip_reference is not None:
+                # Inference waits for this gain, so the segmenter is free here.
+                corrected = [apply_flat_field(f, gain) for f in frames]
+                tiles = [t for f in corrected for _, _, t in cut_into_tiles(f, TILE)]
+                seeds = self.chip_reference.seed(self.segmenter.references(np.stack(tiles)))
+                log.info("scan.chip_reference", seeded_from_tiles=seeds, of=len(tiles))
             return self._keep_flat_field(gain, f"{len(frames)} frames", journal)
 
         return asyncio.ensure_future(asyncio.to_thread(estimate))
@@ -563,8 +574,13 @@ class Scan:
         every tile of them."""
         if self._gain is not None:
             frames = [apply_flat_field(f, self._gain) for f in frames]
-        tiles = [t for f in frames for _, _, t in cut_into_tiles(f, TILE)]
-        return frames, *self.segmenter.predict(np.stack(tiles))
+        tiles = np.stack([t for f in frames for _, _, t in cut_into_tiles(f, TILE)])
+        references = None
+        if self.chip_reference is not None:
+            references, replaced = self.chip_reference.choose(self.segmenter.references(tiles))
+            if replaced.any():
+                log.info("inference.chip_reference", tiles=int(replaced.sum()), of=len(tiles))
+        return frames, *self.segmenter.predict(tiles, references=references)
 
     def _record_batch(
         self,
@@ -737,6 +753,8 @@ class Scan:
         sure = [f for f in tile_flakes if f.confidence >= self.cfg.min_flake_confidence]
         progress.monolayers = sum(f.layer_class == "monolayer" for f in sure)
         progress.bilayers = sum(f.layer_class == "bilayer" for f in sure)
+        if self.chip_reference is not None:
+            progress.tiles_chip_reference = self.chip_reference.replaced
 
     def _report(self, progress: ScanProgress) -> None:
         if self.on_progress is not None:

@@ -60,6 +60,11 @@ class ModelConfig(_Strict):
     #: does not (8 of 8, none false) and under the plain posterior misses every bilayer of
     #: simulated-demo, so it is off by default; turn it on for models that over-call.
     plain_posterior: bool = False
+    #: read a tile whose own contrast reference is not the oxide (a CVD film or a thick flake
+    #: fills it) against the oxide colour of the tiles before it (scanner/chip_reference.py);
+    #: without it a film larger than the field shows holes the size of a field. For models
+    #: that take the optical contrast (the shipped one does); ignored for others.
+    chip_reference: bool = True
 
 
 class FlatFieldConfig(_Strict):

@@ -21,6 +21,8 @@ class ScanProgress:
     phase: str = "planning"
     #: fields done before this run (a resumed scan)
     fields_resumed: int = 0
+    #: tiles read against the chip's oxide colour, not their own (scanner/chip_reference.py)
+    tiles_chip_reference: int = 0
 
 
 @dataclass
@@ -48,6 +50,7 @@ def summary(result: ScanResult) -> dict[str, Any]:
         "fields_done": p.fields_done,
         "fields_failed": p.fields_failed,
         "fields_resumed": p.fields_resumed,
+        "tiles_read_against_chip_oxide": p.tiles_chip_reference,
         "flakes": counts,
         "failed_fields": result.failed_fields,
         "focus_points_um": [list(pt) for pt in result.focus_points],

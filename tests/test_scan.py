@@ -525,11 +525,14 @@ def test_a_failing_model_stops_the_scan_with_its_own_error_and_it_resumes(
     class BrokenSegmenter:
         calls = 0
 
-        def predict(self, tiles):
+        def __getattr__(self, name: str):  # config, references: the real segmenter's
+            return getattr(segmenter, name)
+
+        def predict(self, tiles, references=None):
             BrokenSegmenter.calls += 1
             if BrokenSegmenter.calls == 3:
                 raise MemoryError("CUDA out of memory (simulated)")
-            return segmenter.predict(tiles)
+            return segmenter.predict(tiles, references=references)
 
     cfg = _flat()
     region = _region(100, 100, 330, 330, focus=_FIXED, model=ModelConfig(batch_size=1))
@@ -558,3 +561,48 @@ def test_a_focus_surface_that_would_pass_the_safe_z_is_refused(make_core, segmen
         _scan(core, region, tmp_path / "s", segmenter)
     lines = (tmp_path / "s" / "journal.jsonl").read_text()
     assert '"kind":"focus"' not in lines and '"kind":"field"' not in lines
+
+
+def _film_chip_scan(make_core, segmenter, out: Path, chip_reference: bool):
+    """A CVD chip with monolayer films larger than a field, scanned around the largest."""
+    cfg = _flat(
+        flakes={
+            "growth": "cvd",
+            "thin_flakes_per_mm2": 2,
+            "bulk_pieces_per_mm2": 0,
+            "residue_per_mm2": 0,
+            "monolayer_size_um": [280, 300],
+        }
+    )
+    core = make_core(cfg)
+    films = [f for f in core.simulation.world.flakes if f.layer_class == "monolayer"]
+    film = max(films, key=lambda f: f.polygon.area).polygon
+    x0, y0, x1, y1 = film.bounds
+    assert x0 > 40 and y0 > 40 and x1 < 960 and y1 < 960, "the test film must lie on the chip"
+    model = ModelConfig(chip_reference=chip_reference)
+    scan_cfg = _region(x0 - 30, y0 - 30, x1 + 30, y1 + 30, focus=_FIXED, model=model)
+    _, result = _scan(core, scan_cfg, out, segmenter)
+    return film, result
+
+
+def test_a_film_larger_than_a_field_is_read_against_the_chips_oxide(make_core, segmenter, tmp_path):
+    # The fields a film fills have no oxide in view: against their own colour the film reads as
+    # bare substrate, and the flake in the map has holes the size of a field.
+    film, holed = _film_chip_scan(make_core, segmenter, tmp_path / "own", chip_reference=False)
+    film, whole = _film_chip_scan(make_core, segmenter, tmp_path / "chip", chip_reference=True)
+
+    def largest_monolayer(result) -> Polygon:
+        rec = max(
+            (r for r in result.flakes if r["layer_class"] == "monolayer"),
+            key=lambda r: r["area_um2"],
+        )
+        return Polygon(rec["polygon_stage_um"], rec.get("holes_stage_um") or [])
+
+    assert holed.progress.tiles_chip_reference == 0
+    assert largest_monolayer(holed).area < 0.85 * film.area  # what the chip reference fixes
+    assert whole.progress.tiles_chip_reference >= 1
+    found = largest_monolayer(whole)
+    assert found.intersection(film).area > 0.95 * film.area
+    assert found.area < 1.05 * film.area
+    summary = json.loads((tmp_path / "chip" / "summary.json").read_text())
+    assert summary["tiles_read_against_chip_oxide"] == whole.progress.tiles_chip_reference

@@ -379,3 +379,55 @@ def test_bright_nets_are_read_with_hue_which_finds_the_substrate_under_a_film() 
     assert not Segmenter(median_net).reference_overridden and Segmenter(net).reference_overridden
     with pytest.raises(ValueError, match="'brightest' is not a contrast reference; choose from"):
         Segmenter(net, reference="brightest")  # type: ignore[arg-type]
+
+
+def test_given_references_replace_each_images_own() -> None:
+    """predict(references=...) reads each image against the colours given: its own ones give
+    its own result bit for bit, tiles and larger images alike; the oxide's colour turns a tile
+    a film fills from contrast ~0 into the film's contrast (what the scanner passes)."""
+    from model.unet.model import reference_colours
+
+    torch.manual_seed(0)
+    net = build_unet(
+        UNetConfig(width=4, depth=2, input_contrast=True, contrast_reference="bright")
+    ).eval()
+    seg = Segmenter(net, window=32, overlap=8, batch_size=2)
+    tiles, large = _images(3, 32, 32), _images(2, 40, 56)
+    for images in (tiles, large):
+        own = seg.references(images)
+        assert own.shape == (len(images), 3) and own.dtype == np.float32
+        given, plain = seg.predict(images, references=own), seg.predict(images)
+        for got, want in zip(given, plain, strict=True):
+            np.testing.assert_array_equal(got, want)
+    oxide, film = np.array([0.77, 0.75, 0.96], np.float32), np.array([166, 180, 210], np.uint8)
+    tile = np.broadcast_to(film, (32, 32, 3)).copy()
+    probs, _ = seg.predict(tile, references=oxide)
+    x = torch.from_numpy(tile).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        against_oxide = torch.softmax(net(x, torch.from_numpy(oxide)[None, :, None, None]), 1)
+        against_itself = torch.softmax(net(x, reference_colours(x, "hue")), 1)
+    np.testing.assert_allclose(probs, against_oxide[0].numpy(), atol=1e-6)
+    assert np.abs(probs - against_itself[0].numpy()).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("references", "message"),
+    [
+        (np.ones((2, 3), np.float32), "expected 3×3"),
+        (np.ones((3, 4), np.float32), "expected 3×3"),
+        (np.zeros((3, 3), np.float32), "positive finite"),
+        (np.full((3, 3), np.inf, np.float32), "positive finite"),
+    ],
+)
+def test_bad_references_are_refused_naming_the_problem(references, message) -> None:
+    net = build_unet(UNetConfig(width=4, depth=2, input_contrast=True)).eval()
+    with pytest.raises(ValueError, match=message):
+        Segmenter(net, window=32, overlap=0).predict(_images(3, 32, 32), references=references)
+
+
+def test_a_raw_pixel_net_has_no_references() -> None:
+    seg = Segmenter(build_unet(UNetConfig(width=4, depth=2)).eval(), window=32, overlap=0)
+    with pytest.raises(ValueError, match="raw pixels"):
+        seg.references(_images(1, 32, 32))
+    with pytest.raises(ValueError, match="raw pixels"):
+        seg.predict(_images(1, 32, 32), references=np.ones((1, 3), np.float32))
