@@ -182,10 +182,12 @@ class Segmenter:
         axis (the model's and torch's layout), and N×H×W uint8 argmax labels (0 other,
         1 monolayer, 2 bilayer). A single image gives classes×H×W and H×W.
 
-        ``references``: N×C (or C) colours, in the net's input scale, to take each image's
-        optical contrast against instead of the one its own pixels give (``references``): the
-        scanner passes the chip's oxide colour for tiles a film fills. Only for nets that take
-        the optical contrast.
+        ``references``: N×C colours (C for a single image), in the net's input scale, to take
+        each image's optical contrast against, in every window of it, instead of the one its
+        own pixels give: the scanner passes the chip's oxide colour for tiles a film fills.
+        Each image's own (``references``) give predict's own result for window-sized tiles,
+        and for larger images where the whole image's reference is used (``image_reference``).
+        Only for nets that take the optical contrast.
         """
         images, single = self._as_batch(tiles)
         n, height, width, _ = images.shape
@@ -218,8 +220,20 @@ class Segmenter:
         images, single = self._as_batch(tiles)
         if len(images) == 0:
             return np.empty((0, self.config.in_channels), np.float32)
-        refs = self._references(images).flatten(1).float().cpu().numpy()
-        return refs[0] if single else refs
+        with torch.inference_mode():
+            if images.shape[1:3] != (self.window, self.window):
+                refs = self._references(images)  # one at a time: large images' float copies
+            else:  # tiles in batches, as predict reads them
+                refs = torch.cat(
+                    [
+                        reference_colours(
+                            self._to_input(images[b : b + self.batch_size]), self.reference
+                        )
+                        for b in range(0, len(images), self.batch_size)
+                    ]
+                )
+        out = refs.flatten(1).float().cpu().numpy()
+        return out[0] if single else out
 
     def _need_contrast(self, what: str) -> None:
         if not self.config.input_contrast:
@@ -238,8 +252,9 @@ class Segmenter:
                 f"references: expected {n}×{self.config.in_channels} (one colour per image), "
                 f"got shape {np.shape(references)}"
             )
-        if not np.isfinite(refs).all() or (refs <= 0).any():
-            raise ValueError("references must be positive finite colours (0..1 scale)")
+        # 0 is allowed (a black tile's own): the contrast clamps its reference above 0.
+        if not np.isfinite(refs).all() or (refs < 0).any():
+            raise ValueError("references must be finite colours of 0 or more (0..1 scale)")
         return torch.from_numpy(refs).to(self.device)[:, :, None, None]
 
     def _host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
@@ -301,15 +316,7 @@ class Segmenter:
     def _infer(self, crops: np.ndarray, refs: torch.Tensor | None = None) -> torch.Tensor:
         """B×win×win×3 uint8 -> B×classes×win×win float32 probabilities on the device;
         ``refs``: the contrast references of the images they come from (None: their own)."""
-        # uint8 crosses to the device (a quarter of the bytes of float32); the permuted view is
-        # already channels-last in memory.
-        crops = np.ascontiguousarray(crops)
-        if not crops.flags.writeable:  # PIL hands out read-only arrays; torch warns on them
-            crops = crops.copy()
-        x = torch.from_numpy(crops).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().mul_(self.scale)
-        if not self.channels_last:
-            x = x.contiguous()
+        x = self._to_input(crops)
         if refs is None and self.reference_overridden:
             refs = reference_colours(x, self.reference)
         p = torch.softmax(self.logits(x, refs).float(), dim=1)
@@ -321,6 +328,17 @@ class Segmenter:
             other = p[:, :1] + p[:, classes:].sum(dim=1, keepdim=True)
             p = torch.cat([other, p[:, 1:classes]], dim=1)
         return p
+
+    def _to_input(self, crops: np.ndarray) -> torch.Tensor:
+        """B×H×W×3 uint8 -> B×3×H×W floats in the net's input range, on the device."""
+        # uint8 crosses to the device (a quarter of the bytes of float32); the permuted view is
+        # already channels-last in memory.
+        crops = np.ascontiguousarray(crops)
+        if not crops.flags.writeable:  # PIL hands out read-only arrays; torch warns on them
+            crops = crops.copy()
+        x = torch.from_numpy(crops).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().mul_(self.scale)
+        return x if self.channels_last else x.contiguous()
 
     def logits(self, x: torch.Tensor, refs: torch.Tensor | None = None) -> torch.Tensor:
         """The inference net's raw outputs for a ready input on the device (N×C×H×W floats in

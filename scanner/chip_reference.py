@@ -16,6 +16,9 @@ from __future__ import annotations
 from collections import deque
 
 import numpy as np
+import structlog
+
+log = structlog.get_logger("flakescan.chip_reference")
 
 
 class ChipReference:
@@ -42,6 +45,8 @@ class ChipReference:
         self.tolerance, self.beyond = tolerance, beyond
         self.warmup = warmup
         self._accepted: deque[np.ndarray] = deque(maxlen=memory)
+        #: own references of the tiles replaced in a row, latest last
+        self._run: deque[np.ndarray] = deque(maxlen=memory)
         #: tiles read against the chip's reference so far
         self.replaced = 0
 
@@ -56,36 +61,76 @@ class ChipReference:
         """Start the estimate from tiles spread over the chip before the scan (the flat-field
         frames), so the first tiles of the scan are judged too. Tiles that disagree with the
         seeds' median are left out. Returns how many were taken."""
-        own = _checked(own)
+        own = _usable(_checked(own))
         if not len(own):
             return 0
         agree = np.abs(own / np.median(own, axis=0) - 1).max(axis=1) <= self.tolerance
         self._accepted.extend(own[agree])
         return int(agree.sum())
 
+    def start_from(self, colour: np.ndarray | list[float]) -> None:
+        """Start from a colour found before (a resumed scan's, from its journal)."""
+        (colour,) = _usable(_checked(np.asarray(colour, dtype=np.float32)[None]))
+        self._accepted.extend([colour] * self.warmup)
+
     def choose(self, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For N×C own references (in scan order): the references to read the tiles against,
-        and which of them are the chip's."""
+        and which of them are the chip's.
+
+        A tile with a black channel (a dead camera channel, a black corner) keeps its own and
+        does not count. After ``memory`` tiles in a row that were replaced and agree with each
+        other, their colour becomes the chip's: the lamp or exposure changed (a film that
+        large is rarer than that), and the scan must not read the rest of the chip against a
+        colour that is gone.
+        """
         own = _checked(own)
         chosen = own.copy()
         replaced = np.zeros(len(own), bool)
         for i, ref in enumerate(own):
+            if not len(_usable(ref[None])):
+                continue
             chip = self.colour
             off = 0.0 if chip is None else float(np.abs(ref / chip - 1).max())
             if off <= self.tolerance:
                 self._accepted.append(ref)
+                self._run.clear()
             elif off <= self.beyond:
                 chosen[i] = chip
                 replaced[i] = True
+                self._run.append(ref)
+                self._reanchor_if_changed()
         self.replaced += int(replaced.sum())
         return chosen, replaced
+
+    def _reanchor_if_changed(self) -> None:
+        if len(self._run) < self._run.maxlen:
+            return
+        run = np.stack(self._run)
+        centre = np.median(run, axis=0)
+        if np.abs(run / centre - 1).max() <= self.tolerance:
+            log.warning(
+                "chip_reference.reanchored",
+                tiles=len(run),
+                old=[round(float(c), 4) for c in self.colour],
+                new=[round(float(c), 4) for c in centre],
+                why="every recent tile differed from the oxide colour alike: lamp or exposure "
+                "changed, or a film covers this part of the chip",
+            )
+            self._accepted.clear()
+            self._accepted.extend(run)
+        self._run.clear()
 
 
 def _checked(own: np.ndarray) -> np.ndarray:
     own = np.asarray(own, dtype=np.float32)
-    if own.ndim != 2 or not np.isfinite(own).all() or (own <= 0).any():
-        raise ValueError(f"own references must be N×C positive colours, got shape {own.shape}")
+    if own.ndim != 2:
+        raise ValueError(f"own references must be N×C colours, got shape {own.shape}")
     return own
+
+
+def _usable(refs: np.ndarray) -> np.ndarray:
+    """The rows that can be compared: finite, no channel black."""
+    return refs[np.isfinite(refs).all(axis=1) & (refs > 1e-3).all(axis=1)]
 
 
 __all__ = ["ChipReference"]

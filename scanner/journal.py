@@ -84,6 +84,8 @@ class JournalState:
     #: field index -> its last line (a field re-scanned on resume has a newer line)
     fields: dict[int, dict[str, Any]] = field(default_factory=dict)
     finished: bool = False
+    #: the chip's oxide colour the scan's chip reference started from (scanner/chip_reference.py)
+    chip_colour: list[float] | None = None
 
     def done(self) -> set[int]:
         return {i for i, line in self.fields.items() if line["ok"]}
@@ -162,6 +164,8 @@ def read_journal(path: Path) -> JournalState:
             state.fields[int(line["index"])] = line
         elif kind == "finished":
             state.finished = True
+        elif kind == "chip_reference":
+            state.chip_colour = [float(c) for c in line["colour"]]
     if state.plan_digest is None:
         raise JournalError(f"{path}: the journal has no start line")
     return state

@@ -188,6 +188,8 @@ class Scan:
         self._started_at = (state.started if state else None) or self._started_at
         try:
             done = state.done() if state else set()
+            if state and state.chip_colour and self.chip_reference is not None:
+                self.chip_reference.start_from(state.chip_colour)
             tile_flakes: list[TileFlake] = state.tile_flakes() if state else []
             failed: dict[int, dict[str, Any]] = {}
             progress.fields_done = progress.fields_resumed = len(done)
@@ -399,6 +401,8 @@ class Scan:
                 tiles = [t for f in corrected for _, _, t in cut_into_tiles(f, TILE)]
                 seeds = self.chip_reference.seed(self.segmenter.references(np.stack(tiles)))
                 log.info("scan.chip_reference", seeded_from_tiles=seeds, of=len(tiles))
+                if (colour := self.chip_reference.colour) is not None:  # for a resume
+                    journal.write("chip_reference", colour=[round(float(c), 6) for c in colour])
             return self._keep_flat_field(gain, f"{len(frames)} frames", journal)
 
         return asyncio.ensure_future(asyncio.to_thread(estimate))

@@ -67,9 +67,44 @@ def test_bad_settings_are_refused(kwargs: dict, message: str) -> None:
         ChipReference(**kwargs)
 
 
-@pytest.mark.parametrize(
-    "own", [np.zeros((2, 3)), np.full((2, 3), np.nan), np.ones(3)], ids=["zero", "nan", "1d"]
-)
-def test_bad_references_are_refused(own: np.ndarray) -> None:
-    with pytest.raises(ValueError, match="positive colours"):
-        ChipReference().choose(own)
+def test_a_black_tile_keeps_its_own_and_does_not_count() -> None:
+    # A dead channel or a black corner gives a 0 (or, from a broken frame, NaN) reference:
+    # the scan must go on, and the estimate must not move.
+    chip = ChipReference(warmup=2)
+    chip.seed(_oxide_tiles(4))
+    before = chip.colour
+    dead = np.array([[0.0, 0.59, 0.72], [np.nan, np.nan, np.nan]], np.float32)
+    chosen, replaced = chip.choose(dead)
+    assert not replaced.any()
+    np.testing.assert_array_equal(chosen, dead)
+    np.testing.assert_array_equal(chip.colour, before)
+
+
+def test_a_lasting_change_of_lamp_or_exposure_is_taken_over() -> None:
+    # Exposure 10 % up for good: the next `memory` tiles are read against the old colour (they
+    # could be a film), then their colour becomes the chip's and no tile is replaced after.
+    chip = ChipReference(warmup=4, memory=16)
+    chip.seed(_oxide_tiles(8))
+    brighter = _oxide_tiles(40, seed=3) * np.float32(1.1)
+    _, replaced = chip.choose(brighter)
+    assert replaced[:16].all() and not replaced[16:].any()
+    np.testing.assert_allclose(chip.colour, OXIDE * 1.1, rtol=0.01)
+
+
+def test_a_film_is_not_taken_for_a_lamp_change_unless_it_fills_memory() -> None:
+    chip = ChipReference(warmup=4, memory=16)
+    chip.seed(_oxide_tiles(8))
+    _, replaced = chip.choose(np.vstack([np.tile(FILM, (15, 1)), _oxide_tiles(1), FILM[None]]))
+    assert replaced.tolist() == [True] * 15 + [False, True]  # the oxide tile broke the run
+
+
+def test_a_resumed_scan_starts_from_the_journalled_colour() -> None:
+    chip = ChipReference(warmup=8)
+    chip.start_from(OXIDE.tolist())
+    np.testing.assert_allclose(chip.colour, OXIDE)
+    assert chip.choose(FILM[None])[1].tolist() == [True]
+
+
+def test_references_must_be_a_table() -> None:
+    with pytest.raises(ValueError, match="N×C"):
+        ChipReference().choose(np.ones(3))

@@ -606,3 +606,6 @@ def test_a_film_larger_than_a_field_is_read_against_the_chips_oxide(make_core, s
     assert found.area < 1.05 * film.area
     summary = json.loads((tmp_path / "chip" / "summary.json").read_text())
     assert summary["tiles_read_against_chip_oxide"] == whole.progress.tiles_chip_reference
+    # the seeded colour is journalled, for a resume to start from
+    colour = read_journal(tmp_path / "chip" / "journal.jsonl").chip_colour
+    assert colour is not None and len(colour) == 3 and min(colour) > 0.3

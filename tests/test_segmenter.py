@@ -415,8 +415,8 @@ def test_given_references_replace_each_images_own() -> None:
     [
         (np.ones((2, 3), np.float32), "expected 3×3"),
         (np.ones((3, 4), np.float32), "expected 3×3"),
-        (np.zeros((3, 3), np.float32), "positive finite"),
-        (np.full((3, 3), np.inf, np.float32), "positive finite"),
+        (np.full((3, 3), -0.1, np.float32), "0 or more"),
+        (np.full((3, 3), np.inf, np.float32), "finite"),
     ],
 )
 def test_bad_references_are_refused_naming_the_problem(references, message) -> None:
