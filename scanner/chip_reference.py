@@ -64,9 +64,12 @@ class ChipReference:
         own = _usable(_checked(own))
         if not len(own):
             return 0
-        agree = np.abs(own / np.median(own, axis=0) - 1).max(axis=1) <= self.tolerance
-        self._accepted.extend(own[agree])
-        return int(agree.sum())
+        agree = own[np.abs(own / np.median(own, axis=0) - 1).max(axis=1) <= self.tolerance]
+        # Evenly over all of them when there are more than the memory holds (a large camera
+        # gives many tiles a frame): the seed stands for the whole chip, not its last frames.
+        keep = np.linspace(0, len(agree) - 1, min(len(agree), self._accepted.maxlen or 1))
+        self._accepted.extend(agree[np.round(keep).astype(int)] if len(agree) else [])
+        return len(agree)
 
     def start_from(self, colour: np.ndarray | list[float]) -> None:
         """Start from a colour found before (a resumed scan's, from its journal)."""

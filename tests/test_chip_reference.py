@@ -43,6 +43,16 @@ def test_seeds_give_an_estimate_before_the_first_tile_and_drop_films() -> None:
     assert replaced.tolist() == [True, False]  # the scan's very first tile is judged
 
 
+def test_a_large_seed_is_sampled_over_all_of_it() -> None:
+    # 4 frames' worth of tiles, each frame a little brighter: a memory of 8 keeps tiles from
+    # every frame, so the estimate is the chip's middle, not the last frame's colour.
+    chip = ChipReference(warmup=4, memory=8)
+    frames = np.repeat(np.float32([0.98, 0.99, 1.01, 1.02]), 16)[:, None] * OXIDE
+    assert chip.seed(frames) == 64
+    np.testing.assert_allclose(chip.colour, OXIDE, rtol=0.011)
+    assert chip.colour[0] < OXIDE[0] * 1.015  # not the last frame's 1.02
+
+
 def test_slow_drift_is_followed() -> None:
     # 10 % across the scan, 0.1 % a tile: every step is within the tolerance of the recent
     # median, so no tile is replaced and the estimate ends near the last colour.
