@@ -56,6 +56,27 @@ def _train_config(recipe: str, **overrides: object) -> TrainConfig:
         raise fail(str(e)) from None
 
 
+#: GFLOP a 512² tile above which training on a CPU takes hours (lab-wide 110, paper 437;
+#: the CPU presets ~7)
+SLOW_ON_CPU_GFLOP = 50.0
+
+
+def _warn_if_slow_on_cpu(cfg: TrainConfig) -> None:
+    """Say so before a net meant for a GPU starts hours of training on the CPU."""
+    from model.train import resolve_device
+    from model.unet import PRESETS, gflops_per_tile
+
+    if resolve_device(cfg.device).type != "cpu" or cfg.preset not in PRESETS:
+        return
+    gflop = gflops_per_tile(cfg.preset)
+    if gflop > SLOW_ON_CPU_GFLOP:
+        console.print(
+            f"[yellow]the {cfg.preset} net ({gflop:.0f} GFLOP a 512² tile) is training on the "
+            "CPU: expect hours, where --recipe lab (small-lab, 7 GFLOP) takes ~10 min on 2 "
+            "cores; it is meant for a GPU[/]"
+        )
+
+
 def train(
     data: Annotated[list[Path], typer.Option(help="Dataset folder(s); repeat to combine.")],
     out: Annotated[Path, typer.Option(help="Checkpoint file to write (.pt).")],
@@ -145,6 +166,7 @@ def train(
                 f"fine-tuning against the `{READ_AS[trained]}` contrast reference, which the net "
                 f"(trained with `{trained}`) is read with"
             )
+    _warn_if_slow_on_cpu(cfg)
     other_values = None
     if cfg.split_other:
         other_values = _same_other_values(datasets, init, init_values)

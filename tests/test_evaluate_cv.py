@@ -172,8 +172,9 @@ def test_lab_gpu_recipe_trains_the_wide_lab_net(folder, tmp_path) -> None:
     ckpt = tmp_path / "wide.pt"
     args = ["train", "--data", str(folder), "--out", str(ckpt), "--recipe", "lab-gpu"]
     args += ["--epochs", "1", "--samples-per-epoch", "2", "--crop", "32", "--augment", "none"]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
     assert result.exit_code == 0, result.output
+    assert "expect hours" in result.output  # a net meant for a GPU, on the CPU
     meta = torch.load(ckpt, weights_only=True)["meta"]
     assert meta["config"]["width"] == 32
     assert meta["config"]["input_raw"] and meta["config"]["contrast_reference"] == "median"
@@ -188,8 +189,9 @@ def test_lab_recipe_trains_a_colour_aware_net_on_a_cosine_schedule(folder, tmp_p
     ckpt = tmp_path / "lab.pt"
     args = ["train", "--data", str(folder), "--out", str(ckpt), "--recipe", "lab"]
     args += ["--epochs", "1", "--samples-per-epoch", "4", "--crop", "32", "--augment", "none"]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, [*args, "--device", "cpu"])
     assert result.exit_code == 0, result.output
+    assert "expect hours" not in result.output  # the CPU recipe
     meta = torch.load(ckpt, weights_only=True)["meta"]
     assert meta["config"]["input_raw"] and meta["config"]["input_contrast"]
     assert meta["training"]["config"]["lr_schedule"] == "cosine"
