@@ -94,9 +94,15 @@ def main() -> None:
         seg = Segmenter.from_checkpoint(
             cfg.model.checkpoint or DEFAULT_CHECKPOINT, batch_size=cfg.model.batch_size
         )
-        seg.predict(batch[:2])
+        chip_reference = cfg.model.chip_reference and seg.config.input_contrast
+
+        def infer(tiles: np.ndarray) -> None:
+            # as the scan does: each tile's own reference first, for the chip reference
+            seg.predict(tiles, references=seg.references(tiles) if chip_reference else None)
+
+        infer(batch[:2])
         t = time.perf_counter()
-        seg.predict(batch)
+        infer(batch)
         infer_rate = len(batch) / (time.perf_counter() - t)
 
     p = result.progress
