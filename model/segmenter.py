@@ -201,8 +201,9 @@ class Segmenter:
         # A window (or a padded image) holds more or less than the image: its contrast is taken
         # against the whole image's reference, which more often has substrate in it.
         whole = len(windows) == 1 and padded.shape == images.shape
-        refs = None if whole or not self.image_reference else self._references(images)
-        refs = given if given is not None else refs
+        refs = given
+        if refs is None and not whole and self.image_reference:
+            refs = self._references(images)
         if len(windows) == 1:
             for b in range(0, n, self.batch_size):
                 ref = None if refs is None else refs[b : b + self.batch_size]
@@ -220,18 +221,9 @@ class Segmenter:
         images, single = self._as_batch(tiles)
         if len(images) == 0:
             return np.empty((0, self.config.in_channels), np.float32)
-        with torch.inference_mode():
-            if images.shape[1:3] != (self.window, self.window):
-                refs = self._references(images)  # one at a time: large images' float copies
-            else:  # tiles in batches, as predict reads them
-                refs = torch.cat(
-                    [
-                        reference_colours(
-                            self._to_input(images[b : b + self.batch_size]), self.reference
-                        )
-                        for b in range(0, len(images), self.batch_size)
-                    ]
-                )
+        tiles = images.shape[1:3] == (self.window, self.window)
+        with torch.inference_mode():  # tiles in batches, as predict reads them
+            refs = self._references(images, self.batch_size if tiles else 1)
         out = refs.flatten(1).float().cpu().numpy()
         return out[0] if single else out
 
@@ -269,15 +261,15 @@ class Segmenter:
         pinned = self.device.type == "cuda" and nbytes <= PINNED_MAX_BYTES
         return torch.empty(shape, dtype=dtype, pin_memory=pinned).numpy()
 
-    def _references(self, images: np.ndarray) -> torch.Tensor:
-        """N×C'×1×1 contrast references of whole images, on the device (one image at a time:
-        a large image's float copy is the memory that matters)."""
-        refs = []
-        for image in images:
-            x = torch.tensor(image, device=self.device)  # a copy: PIL arrays are read-only
-            x = x.permute(2, 0, 1).float().mul_(self.scale)
-            refs.append(reference_colours(x, self.reference))
-        return torch.stack(refs)
+    def _references(self, images: np.ndarray, batch: int = 1) -> torch.Tensor:
+        """N×C'×1×1 contrast references of whole images, on the device, ``batch`` images at a
+        time (one for large images: their float copy is the memory that matters)."""
+        return torch.cat(
+            [
+                reference_colours(self._to_input(images[b : b + batch]), self.reference)
+                for b in range(0, len(images), batch)
+            ]
+        )
 
     def _blend(
         self,

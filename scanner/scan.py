@@ -397,9 +397,8 @@ class Scan:
                 raise ScanError(f"flat field (scan.flat_field): {e}") from None
             if self.chip_reference is not None:
                 # Inference waits for this gain, so the segmenter is free here.
-                corrected = [apply_flat_field(f, gain) for f in frames]
-                tiles = [t for f in corrected for _, _, t in cut_into_tiles(f, TILE)]
-                seeds = self.chip_reference.seed(self.segmenter.references(np.stack(tiles)))
+                _, tiles = _model_tiles(frames, gain)
+                seeds = self.chip_reference.seed(self.segmenter.references(tiles))
                 log.info("scan.chip_reference", seeded_from_tiles=seeds, of=len(tiles))
                 if (colour := self.chip_reference.colour) is not None:  # for a resume
                     journal.write("chip_reference", colour=[round(float(c), 6) for c in colour])
@@ -576,9 +575,7 @@ class Scan:
     def _segment(self, frames: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """The frames flat-field corrected, and the model's probabilities and labels for
         every tile of them."""
-        if self._gain is not None:
-            frames = [apply_flat_field(f, self._gain) for f in frames]
-        tiles = np.stack([t for f in frames for _, _, t in cut_into_tiles(f, TILE)])
+        frames, tiles = _model_tiles(frames, self._gain)
         references = None
         if self.chip_reference is not None:
             references, replaced = self.chip_reference.choose(self.segmenter.references(tiles))
@@ -779,6 +776,16 @@ def _tile_map(frame_map: PixelToStage, r0: int, c0: int) -> PixelToStage:
         shape=(TILE, TILE),
         matrix=frame_map.matrix,
     )
+
+
+def _model_tiles(
+    frames: list[np.ndarray], gain: np.ndarray | None
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The frames flat-field corrected (by ``gain``, where there is one), and every tile of
+    them stacked, as the model sees them."""
+    if gain is not None:
+        frames = [apply_flat_field(f, gain) for f in frames]
+    return frames, np.stack([t for f in frames for _, _, t in cut_into_tiles(f, TILE)])
 
 
 def _failed_record(result: FieldResult) -> dict[str, Any]:
