@@ -61,7 +61,8 @@ class ChipReference:
         """Start the estimate from tiles spread over the chip before the scan (the flat-field
         frames), so the first tiles of the scan are judged too. Tiles that disagree with the
         seeds' median are left out. Returns how many were taken."""
-        own = _usable(_checked(own))
+        own = _checked(own)
+        own = own[_usable(own)]
         if not len(own):
             return 0
         agree = own[np.abs(own / np.median(own, axis=0) - 1).max(axis=1) <= self.tolerance]
@@ -73,8 +74,10 @@ class ChipReference:
 
     def start_from(self, colour: np.ndarray | list[float]) -> None:
         """Start from a colour found before (a resumed scan's, from its journal)."""
-        (colour,) = _usable(_checked(np.asarray(colour, dtype=np.float32)[None]))
-        self._accepted.extend([colour] * self.warmup)
+        colour = _checked(np.asarray(colour, dtype=np.float32)[None])
+        if not _usable(colour).all():
+            raise ValueError(f"not a colour to start from: {colour[0].tolist()}")
+        self._accepted.extend([colour[0]] * self.warmup)
 
     def choose(self, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For N×C own references (in scan order): the references to read the tiles against,
@@ -87,10 +90,11 @@ class ChipReference:
         colour that is gone.
         """
         own = _checked(own)
+        usable = _usable(own)
         chosen = own.copy()
         replaced = np.zeros(len(own), bool)
         for i, ref in enumerate(own):
-            if not len(_usable(ref[None])):
+            if not usable[i]:
                 continue
             chip = self.colour
             off = 0.0 if chip is None else float(np.abs(ref / chip - 1).max())
@@ -132,8 +136,8 @@ def _checked(own: np.ndarray) -> np.ndarray:
 
 
 def _usable(refs: np.ndarray) -> np.ndarray:
-    """The rows that can be compared: finite, no channel black."""
-    return refs[np.isfinite(refs).all(axis=1) & (refs > 1e-3).all(axis=1)]
+    """Which rows can be compared: finite, no channel black."""
+    return np.isfinite(refs).all(axis=1) & (refs > 1e-3).all(axis=1)
 
 
 __all__ = ["ChipReference"]

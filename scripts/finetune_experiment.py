@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     w = args.work
     summary: dict = {"train_images": len(train), "test_images": len(test), "seed": args.seed}
-    summary["train_args"] = [*FINETUNE_ARGS, *shlex.split(args.train_extra)]
+    train_args = [*FINETUNE_ARGS, *shlex.split(args.train_extra)]
+    summary["train_args"] = train_args
     if args.init_scores:
         shutil.copy(args.init_scores, w / "init.json")
     else:
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, extra in runs:
         summary[f"{name}_train_s"] = flakescan(
             "train", "--data", str(w / "train"), "--out", str(w / f"{name}.pt"),
-            "--seed", str(args.seed), *FINETUNE_ARGS, *shlex.split(args.train_extra), *extra,
+            "--seed", str(args.seed), *train_args, *extra,
         )  # fmt: skip
         flakescan(
             "evaluate", "--data", str(w / "test"), "--checkpoint", str(w / f"{name}.pt"),
