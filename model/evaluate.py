@@ -25,8 +25,14 @@ def evaluate(
     pred_out: str | Path | None = None,
     plots: str | Path | None = None,
     on_image: Callable[[str], None] | None = None,
+    transparent_stems: list[str] | None = None,
 ) -> Scores:
-    """Scores of `segmenter` on the dataset's images (all, or those at `indices`)."""
+    """Scores of `segmenter` on the dataset's images (all, or those at `indices`).
+
+    ``transparent_stems``: a list to append the stems of the images read as on a transparent
+    substrate to (`Segmenter.substrate`; for the whole image, which is what each window is
+    read by unless ``image_reference`` is off).
+    """
     chosen = range(len(dataset)) if indices is None else indices
     if pred_out is not None:
         Path(pred_out).mkdir(parents=True, exist_ok=True)
@@ -34,7 +40,14 @@ def evaluate(
     for i in chosen:
         sample = dataset.samples[i]
         image, truth = dataset.read_pair(sample)
-        probs, labels = segmenter.predict(image[None])
+        given: tuple[np.ndarray, np.ndarray] | tuple[()] = ()
+        if transparent_stems is not None and segmenter.substrate != "oxide":
+            references, transparent = segmenter.substrate_references(image[None])
+            if transparent[0]:
+                transparent_stems.append(sample.stem)
+            if segmenter.image_reference:  # what predict finds itself: no need to again
+                given = (references, transparent)
+        probs, labels = segmenter.predict(image[None], *given)
         acc.update(truth, pred=labels[0], probs=probs[0], name=sample.stem)
         if pred_out is not None:
             Image.fromarray(labels[0].astype(np.uint8)).save(Path(pred_out) / f"{sample.stem}.png")

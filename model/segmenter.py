@@ -24,10 +24,11 @@ from torch import nn
 from model.checkpoint import CLASS_NAMES, Checkpoint, load_checkpoint
 from model.inference_net import fold_batch_norm, fold_for_inference
 from model.unet import UNet
-from model.unet.model import reference_colours
-from model.unet.reference import ContrastReference
+from model.unet.reference import ContrastReference, Substrate, substrate_reference
 
 Window = tuple[int, int, torch.Tensor]  # top, left, window×window blending weight
+#: contrast references of images on the device: colours and the contrast's factor (or None)
+References = tuple[torch.Tensor, torch.Tensor | None]
 #: largest result predict() page-locks: 64 tiles' probabilities (3 × 512² float32 each)
 PINNED_MAX_BYTES = 64 * 3 * 512 * 512 * 4
 # Nets trained against `bright` are read against `hue`: the same wherever the substrate is most
@@ -58,6 +59,11 @@ class Segmenter:
     the earlier shipped `bright` model 0.585 → 0.645 mean per-class accuracy; a `small-lab` net
     (`median` reference, raw colour) trained on 25 real images 0.807 → 0.779 on the other 84, so
     it stays off there.
+    ``substrate``: what the flakes lie on (`substrate_reference`): `oxide`, `transparent`
+    (quartz, sapphire: layers brighter than the substrate, read mirrored onto the oxide's
+    contrast), or `auto`, decided per image. None: `auto` for nets read with `hue` (trained on
+    synthetic oxide only; on the real set 0.715 → 0.794 mean per-class accuracy, the dark-
+    background images read), `oxide` for the others (a lab's own nets learn its substrate).
     ``amp`` (autocast) defaults to on for CUDA — bf16 where supported, else fp16 — and is refused
     on the CPU, where it would change results for little gain.
     """
@@ -77,6 +83,7 @@ class Segmenter:
         class_weights: Sequence[float] | None = None,
         image_reference: bool | None = None,
         reference: ContrastReference | None = None,
+        substrate: Substrate | None = None,
     ) -> None:
         config = model.config
         if batch_size < 1:
@@ -106,6 +113,19 @@ class Segmenter:
             )
         #: the rule the contrast reference is found by here (the net's own, or READ_AS's)
         self.reference: ContrastReference = reference
+        if substrate is None:
+            substrate = "auto" if reference == "hue" and not config.input_raw else "oxide"
+        if substrate not in get_args(Substrate):
+            raise ValueError(
+                f"{substrate!r} is not a substrate; choose from {', '.join(get_args(Substrate))}"
+            )
+        if substrate != "oxide" and not (config.input_contrast and config.in_channels == 3):
+            raise ValueError(
+                f"substrate {substrate!r} is read from the optical contrast of RGB images; this "
+                "net does not take it"
+            )
+        #: what the flakes are read as lying on (`substrate_reference`)
+        self.substrate: Substrate = substrate
         if image_reference is None:
             image_reference = reference in ("bright", "hue")
         self.image_reference = image_reference and config.input_contrast
@@ -174,7 +194,10 @@ class Segmenter:
 
     @torch.inference_mode()
     def predict(
-        self, tiles: np.ndarray, references: np.ndarray | None = None
+        self,
+        tiles: np.ndarray,
+        references: np.ndarray | None = None,
+        transparent: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities and labels for N×H×W×3 (or one H×W×3) uint8 images.
 
@@ -188,10 +211,13 @@ class Segmenter:
         Each image's own (``references``) give predict's own result for window-sized tiles,
         and for larger images where the whole image's reference is used (``image_reference``).
         Only for nets that take the optical contrast.
+        ``transparent`` (N booleans, with ``references``): which of those colours are a
+        transparent substrate's, to read mirrored (`substrate_references` gives both). Without
+        it, none are, unless ``substrate`` is `transparent`.
         """
         images, single = self._as_batch(tiles)
         n, height, width, _ = images.shape
-        given = None if references is None else self._given_references(references, n)
+        given = None if references is None else self._given_references(references, n, transparent)
         probs = self._host_empty((n, self.config.classes, height, width), torch.float32)
         labels = self._host_empty((n, height, width), torch.uint8)
         if n == 0:
@@ -206,7 +232,7 @@ class Segmenter:
             refs = self._references(images)
         if len(windows) == 1:
             for b in range(0, n, self.batch_size):
-                ref = None if refs is None else refs[b : b + self.batch_size]
+                ref = _pick(refs, slice(b, b + self.batch_size))
                 p = self._infer(padded[b : b + self.batch_size], ref)[:, :, :height, :width]
                 torch.from_numpy(probs[b : b + len(p)]).copy_(p)
                 torch.from_numpy(labels[b : b + len(p)]).copy_(_argmax(p, dim=1))
@@ -216,16 +242,24 @@ class Segmenter:
 
     def references(self, tiles: np.ndarray) -> np.ndarray:
         """N×C float32 (C for one image): each image's own contrast reference, by this
-        Segmenter's rule (``reference``), in the net's input scale."""
+        Segmenter's rule (``reference``, and ``substrate``), in the net's input scale."""
+        return self.substrate_references(tiles)[0]
+
+    def substrate_references(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``references`` and, per image (N booleans, or one), whether it is read as on a
+        transparent substrate: what ``predict`` takes as ``references`` and ``transparent``."""
         self._need_contrast("references")
         images, single = self._as_batch(tiles)
         if len(images) == 0:
-            return np.empty((0, self.config.in_channels), np.float32)
+            return np.empty((0, self.config.in_channels), np.float32), np.empty(0, bool)
         tiles = images.shape[1:3] == (self.window, self.window)
         with torch.inference_mode():  # tiles in batches, as predict reads them
-            refs = self._references(images, self.batch_size if tiles else 1)
-        out = refs.flatten(1).float().cpu().numpy()
-        return out[0] if single else out
+            refs, scale = self._references(images, self.batch_size if tiles else 1)
+        colours = refs.flatten(1).float().cpu().numpy()
+        transparent = np.zeros(len(colours), bool)
+        if scale is not None:  # the mirrored ones have a negative red factor
+            transparent = scale.flatten(1)[:, 0].cpu().numpy() < 0
+        return (colours[0], transparent[0]) if single else (colours, transparent)
 
     def _need_contrast(self, what: str) -> None:
         if not self.config.input_contrast:
@@ -234,8 +268,10 @@ class Segmenter:
                 "reference"
             )
 
-    def _given_references(self, references: np.ndarray, n: int) -> torch.Tensor:
-        """predict()'s ``references`` checked, as N×C×1×1 on the device."""
+    def _given_references(
+        self, references: np.ndarray, n: int, transparent: np.ndarray | None
+    ) -> References:
+        """predict()'s ``references`` and ``transparent`` checked, as N×C×1×1 on the device."""
         self._need_contrast("references")
         refs = np.asarray(references, dtype=np.float32)
         refs = refs[None] if refs.ndim == 1 else refs
@@ -247,7 +283,21 @@ class Segmenter:
         # 0 is allowed (a black tile's own): the contrast clamps its reference above 0.
         if not np.isfinite(refs).all() or (refs < 0).any():
             raise ValueError("references must be finite colours of 0 or more (0..1 scale)")
-        return torch.from_numpy(refs).to(self.device)[:, :, None, None]
+        colours = torch.from_numpy(refs).to(self.device)[:, :, None, None]
+        if transparent is None:
+            transparent = np.full(n, self.substrate == "transparent")
+        transparent = np.asarray(transparent)
+        if transparent.dtype != bool or transparent.shape not in ((n,), ()):
+            raise ValueError(f"transparent: expected {n} booleans, got {transparent!r}")
+        if not transparent.any():
+            return colours, None
+        if self.substrate == "oxide":
+            raise ValueError("transparent references given to a Segmenter read on oxide")
+        picked = torch.from_numpy(np.broadcast_to(transparent, (n,)).copy()).to(self.device)
+        _, mirror = substrate_reference(colours[:1], self.reference, "transparent")
+        assert mirror is not None
+        ones = torch.ones_like(colours)
+        return colours, torch.where(picked[:, None, None, None], mirror, ones)
 
     def _host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
         """A result array; from a GPU, in page-locked memory, which the GPU copies into ~50×
@@ -261,15 +311,21 @@ class Segmenter:
         pinned = self.device.type == "cuda" and nbytes <= PINNED_MAX_BYTES
         return torch.empty(shape, dtype=dtype, pin_memory=pinned).numpy()
 
-    def _references(self, images: np.ndarray, batch: int = 1) -> torch.Tensor:
-        """N×C'×1×1 contrast references of whole images, on the device, ``batch`` images at a
-        time (one for large images: their float copy is the memory that matters)."""
-        return torch.cat(
-            [
-                reference_colours(self._to_input(images[b : b + batch]), self.reference)
-                for b in range(0, len(images), batch)
-            ]
-        )
+    def _references(self, images: np.ndarray, batch: int = 1) -> References:
+        """N×C×1×1 contrast references of whole images and their factors, on the device,
+        ``batch`` images at a time (one for large images: their float copy is the memory that
+        matters)."""
+        parts = [
+            self._own_references(self._to_input(images[b : b + batch]))
+            for b in range(0, len(images), batch)
+        ]
+        colours = torch.cat([c for c, _ in parts])
+        if all(s is None for _, s in parts):
+            return colours, None
+        return colours, torch.cat([torch.ones_like(c) if s is None else s for c, s in parts])
+
+    def _own_references(self, x: torch.Tensor) -> References:
+        return substrate_reference(x, self.reference, self.substrate)
 
     def _blend(
         self,
@@ -277,7 +333,7 @@ class Segmenter:
         windows: list[Window],
         probs: np.ndarray,
         labels: np.ndarray,
-        refs: torch.Tensor | None,
+        refs: References | None,
     ) -> None:
         win = self.window
         weight_sum = torch.zeros(padded.shape[1:3], device=self.device)
@@ -289,7 +345,7 @@ class Segmenter:
         for b in range(0, len(jobs), self.batch_size):
             chunk = jobs[b : b + self.batch_size]
             crops = np.stack([padded[i, y : y + win, x : x + win] for i, y, x, _ in chunk])
-            p = self._infer(crops, None if refs is None else refs[[i for i, *_ in chunk]])
+            p = self._infer(crops, _pick(refs, [i for i, *_ in chunk]))
             for k, (i, y, x, w) in enumerate(chunk):
                 if i != current:
                     if current >= 0:
@@ -305,13 +361,14 @@ class Segmenter:
         torch.from_numpy(probs[i]).copy_(p)
         torch.from_numpy(labels[i]).copy_(_argmax(p, dim=0))
 
-    def _infer(self, crops: np.ndarray, refs: torch.Tensor | None = None) -> torch.Tensor:
+    def _infer(self, crops: np.ndarray, refs: References | None = None) -> torch.Tensor:
         """B×win×win×3 uint8 -> B×classes×win×win float32 probabilities on the device;
         ``refs``: the contrast references of the images they come from (None: their own)."""
         x = self._to_input(crops)
-        if refs is None and self.reference_overridden:
-            refs = reference_colours(x, self.reference)
-        p = torch.softmax(self.logits(x, refs).float(), dim=1)
+        if refs is None and (self.reference_overridden or self.substrate != "oxide"):
+            refs = self._own_references(x)
+        colours, scale = (None, None) if refs is None else refs
+        p = torch.softmax(self.logits(x, colours, scale).float(), dim=1)
         if self._class_weights is not None:
             p = p / self._class_weights
             p = p / p.sum(dim=1, keepdim=True)
@@ -332,26 +389,35 @@ class Segmenter:
         x = x.permute(0, 3, 1, 2).float().mul_(self.scale)
         return x if self.channels_last else x.contiguous()
 
-    def logits(self, x: torch.Tensor, refs: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self,
+        x: torch.Tensor,
+        refs: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The inference net's raw outputs for a ready input on the device (N×C×H×W floats in
         the net's input range), under the Segmenter's autocast; ``refs``: contrast references
-        (None: each input's own). ``predict`` builds on it; benchmarks time it alone."""
+        (None: each input's own, as the net trained), ``scale`` their contrast factors.
+        ``predict`` builds on it; benchmarks time it alone."""
         autocast = (
             torch.autocast("cuda", dtype=self.amp_dtype)
             if self.amp_dtype is not None
             else contextlib.nullcontext()
         )
         with autocast:
-            return self._forward(x, refs)
+            return self._forward(x, refs, scale)
 
-    def _forward(self, x: torch.Tensor, refs: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, refs: torch.Tensor | None, scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        args = (x,) if refs is None else (x, refs) if scale is None else (x, refs, scale)
         if self._compiled is not None:
             try:
-                return self._compiled(x) if refs is None else self._compiled(x, refs)
+                return self._compiled(*args)
             except Exception as exc:  # compile errors surface on the first call, not at compile()
                 warnings.warn(f"compiled model failed ({exc}); running eagerly", stacklevel=3)
                 self._compiled = None
-        return self._eager(x) if refs is None else self._eager(x, refs)
+        return self._eager(*args)
 
     def _as_batch(self, tiles: np.ndarray) -> tuple[np.ndarray, bool]:
         c = self.config.in_channels
@@ -367,6 +433,13 @@ class Segmenter:
             raise ValueError(f"image of zero size: shape {tiles.shape}")
         single = tiles.ndim == 3
         return (tiles[None] if single else tiles), single
+
+
+def _pick(refs: References | None, index: Sequence[int] | slice) -> References | None:
+    if refs is None:
+        return None
+    colours, scale = refs
+    return colours[index], None if scale is None else scale[index]
 
 
 def _pad_to(images: np.ndarray, window: int) -> np.ndarray:

@@ -206,14 +206,20 @@ class UNet(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        reference: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``reference``: the colours to take the contrast against (``reference_colours`` of
-        the whole image this crop comes from), instead of the crop's own."""
+        the whole image this crop comes from), instead of the crop's own; ``scale``: the
+        contrast's per-channel factor with it (``substrate_reference``), if any."""
         check_input_size(self.config, x.shape[-2], x.shape[-1])
         if self.config.input_contrast:
             if reference is None:
                 reference = reference_colours(x, self.config.contrast_reference)
-            contrast = contrast_against(x, reference)
+            contrast = contrast_against(x, reference, scale)
             # The median reference fails where a flake fills most of the field; the raw
             # colour then still tells substrate from monolayer under one lab's lighting.
             x = torch.cat([contrast, (x - 0.5) * 2], 1) if self.config.input_raw else contrast

@@ -12,6 +12,9 @@ from typing import Literal
 import torch
 
 ContrastReference = Literal["mean", "median", "bright", "hue"]
+#: what the flakes lie on: oxidised silicon (layers darker than it in red), a transparent
+#: crystal such as quartz (layers brighter than it), or `auto`, decided per image
+Substrate = Literal["auto", "oxide", "transparent"]
 
 #: optical contrast of a monolayer is ~0.1 at 100× on 300 nm oxide: scaled to order 1
 CONTRAST_GAIN = 10.0
@@ -32,15 +35,42 @@ HUE_MAX_RED_RATIO = 1.5
 # Too few valid pixels or too small a substrate to trust: `bright` stands.
 HUE_MIN_SHARE = 0.005
 
+# Transparent substrates (quartz, sapphire) are dark, and MoS2 on them is *brighter*, most of
+# all in blue: the mirror image of the oxide, which a net trained on oxide has never seen. Such
+# an image's contrast is mapped onto the oxide's before the net: per channel it is multiplied by
+# the ratio of a layer's contrast on 285-335 nm SiO2/Si to its contrast on quartz, from the
+# thin-film model (drivers/simulated/optics.py, 1 and 2 layers, gamma 2.2; the test
+# test_transparent_contrast_is_the_optics_ratio recomputes it). Red keeps its size and flips
+# sign; green's ratio spreads widely with the oxide (±0.5) and blue barely changes on oxide.
+TRANSPARENT_CONTRAST = (-0.88, -0.36, 0.07)
+# Its substrate: seeded by the darkest 5 % of the valid pixels in red, grown to every pixel at
+# most 6 % brighter in red (half a quartz monolayer's red contrast, 12.5 %).
+TRANSPARENT_SEED_SHARE = 0.05
+TRANSPARENT_GROW = 1.06
+# `auto` calls an image transparent where `bright`'s pick (the films, when they cover half the
+# field) is 3-60 % brighter in red than that surface and brighter still in blue, by 10 % more.
+# In the thin-film model a monolayer on quartz is 1.16× more so in blue than in red, a bilayer
+# 1.31×; the other way round, oxide seen brighter than a film on it is less so (0.76-1.05 in
+# the real images on oxide, 0.86 in the model; the dark-background real images 1.17-1.38;
+# synthetic quartz tiles, through the camera's colour crosstalk, 0.99-1.15). Where the
+# substrate is most of the field `bright` sits on it and `auto` cannot tell: set
+# `transparent` for such chips.
+TRANSPARENT_RED_RATIO = (1.03, 1.6)
+TRANSPARENT_BLUER = 1.10
+
 
 def optical_contrast(x: torch.Tensor, reference: ContrastReference = "mean") -> torch.Tensor:
     """Per image and channel, x / ref(x) - 1, times CONTRAST_GAIN (see `reference_colours`)."""
     return contrast_against(x, reference_colours(x, reference))
 
 
-def contrast_against(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """x / reference - 1 times CONTRAST_GAIN, per channel."""
-    return (x / reference.clamp_min(1e-3) - 1) * CONTRAST_GAIN  # a black frame stays finite
+def contrast_against(
+    x: torch.Tensor, reference: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x / reference - 1 times CONTRAST_GAIN, per channel; times ``scale`` (per image and
+    channel, as `substrate_reference` gives it) where given."""
+    contrast = (x / reference.clamp_min(1e-3) - 1) * CONTRAST_GAIN  # a black frame stays finite
+    return contrast if scale is None else contrast * scale
 
 
 def reference_colours(x: torch.Tensor, reference: ContrastReference = "mean") -> torch.Tensor:
@@ -68,12 +98,16 @@ def reference_colours(x: torch.Tensor, reference: ContrastReference = "mean") ->
         return x.mean(dim=(-2, -1), keepdim=True)
     if reference not in ("bright", "hue"):
         raise ValueError(f"unknown contrast reference {reference!r}")
-    lead, channels = x.shape[:-3], x.shape[-3]
-    flat = x.reshape(-1, channels, x.shape[-2] * x.shape[-1])  # images × C × pixels
-    ref = _bright(flat)
-    if reference == "hue" and channels >= 2:
-        ref = _hue(flat, ref)
-    return ref.reshape(*lead, channels, 1, 1)
+    flat = _flat(x)
+    return _bright_or_hue(flat, _bright(flat), reference).reshape(*x.shape[:-2], 1, 1)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-3], x.shape[-2] * x.shape[-1])  # images × C × pixels
+
+
+def _bright_or_hue(flat: torch.Tensor, bright: torch.Tensor, reference: str) -> torch.Tensor:
+    return _hue(flat, bright) if reference == "hue" and flat.shape[1] >= 2 else bright
 
 
 def _bright(flat: torch.Tensor) -> torch.Tensor:
@@ -100,3 +134,70 @@ def _hue(flat: torch.Tensor, bright: torch.Tensor) -> torch.Tensor:
     ratio_red = ref[:, 0] / bright[:, 0].clamp_min(1e-6)
     hidden = (ratio_red >= HUE_MIN_RED_RATIO) & (ratio_red <= HUE_MAX_RED_RATIO)
     return torch.where((enough & hidden)[:, None], ref, bright)
+
+
+def substrate_reference(
+    x: torch.Tensor, reference: ContrastReference, substrate: Substrate
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(colours, scale)`` for N×C×H×W images: what `contrast_against` takes.
+
+    On `oxide` the colours of ``reference`` and no scale. An image on a `transparent`
+    substrate (all of them, or where `auto` finds one) is read against its dark substrate,
+    its contrast mapped onto the oxide's by TRANSPARENT_CONTRAST.
+    """
+    if substrate == "oxide":
+        return reference_colours(x, reference), None
+    if x.shape[-3] != len(TRANSPARENT_CONTRAST):
+        raise ValueError(f"substrate {substrate!r} needs RGB images, got {x.shape[-3]} channels")
+    flat = _flat(x)
+    bright = _bright(flat)
+    if reference in ("bright", "hue"):
+        ref = _bright_or_hue(flat, bright, reference)
+    else:
+        ref = _flat(reference_colours(x, reference))[..., 0]
+    valid, seed_red = _dark_seed(flat)
+    if substrate == "transparent":
+        transparent = torch.ones(len(flat), dtype=torch.bool, device=x.device)
+    else:  # the grown surface is at least as bright as its seed: most tiles stop here
+        transparent = bright[:, 0] >= TRANSPARENT_RED_RATIO[0] * seed_red[:, 0]
+    if transparent.any():
+        rows = transparent.nonzero()[:, 0]
+        dark = _dark_surface(flat[rows], valid[rows], seed_red[rows])
+        if substrate == "auto":
+            transparent[rows] = is_transparent(bright[rows], dark)
+        ref[rows] = torch.where(transparent[rows, None], dark, ref[rows])
+    mirror = torch.tensor(TRANSPARENT_CONTRAST, dtype=x.dtype, device=x.device)
+    scale = torch.where(transparent[:, None], mirror, torch.ones_like(ref))
+    shape = (*x.shape[:-2], 1, 1)
+    return ref.reshape(shape), scale.reshape(shape)
+
+
+def is_transparent(bright: torch.Tensor, dark: torch.Tensor) -> torch.Tensor:
+    """Per image: `bright`'s pick (N×3) brighter in red than the dark substrate's colour by
+    TRANSPARENT_RED_RATIO, and in blue by TRANSPARENT_BLUER times more."""
+    ratio = bright / dark.clamp_min(1e-6)
+    lo, hi = TRANSPARENT_RED_RATIO
+    red, blue = ratio[:, 0], ratio[:, 2]
+    return (red >= lo) & (red <= hi) & (blue > TRANSPARENT_BLUER * red)
+
+
+def _dark_seed(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N×P pixels to use, N×1 red of the darkest surface's seed): TRANSPARENT_SEED_SHARE of
+    the pixels neither near black (the stage) nor clipped, or of all where none is valid."""
+    red = flat[:, 0]
+    lo, hi = HUE_VALID_RED
+    valid = (red > lo) & (red < hi)
+    valid = valid | ~valid.any(dim=-1, keepdim=True)
+    # The seed's median is the red at half the seed share, in the valid pixels' order.
+    at = (valid.sum(dim=-1) * TRANSPARENT_SEED_SHARE / 2).long().clamp(max=flat.shape[-1] - 1)
+    ordered = red.masked_fill(~valid, float("inf"))
+    seed_red = torch.stack(
+        [row.kthvalue(int(k) + 1).values for row, k in zip(ordered, at, strict=True)]
+    )[:, None]
+    return valid, seed_red
+
+
+def _dark_surface(flat: torch.Tensor, valid: torch.Tensor, seed_red: torch.Tensor) -> torch.Tensor:
+    """N×C colour of the darkest surface: the seed grown by TRANSPARENT_GROW."""
+    grown = valid & (flat[:, 0] <= seed_red * TRANSPARENT_GROW)
+    return flat.masked_fill(~grown[:, None], float("nan")).nanmedian(dim=-1).values
