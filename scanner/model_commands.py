@@ -278,6 +278,14 @@ def evaluate(
             "the net's own; `bright` nets are read with `hue`, model/unet/reference.py)."
         ),
     ] = None,
+    substrate: Annotated[
+        str | None,
+        typer.Option(
+            help="What the flakes lie on: oxide, transparent (quartz, sapphire: layers brighter "
+            "than the substrate) or auto, per image (default: auto for nets read with `hue`, "
+            "such as the shipped one; oxide for others)."
+        ),
+    ] = None,
 ) -> None:
     """Score a checkpoint on a dataset folder: pixel accuracy, IoU, region accuracy, ROC/PR."""
     from model.checkpoint import DEFAULT_CHECKPOINT
@@ -296,12 +304,14 @@ def evaluate(
             batch_size=batch_size,
             plain_posterior=plain_posterior,
             reference=reference,
+            substrate=substrate,
         )
     except (ValueError, FileNotFoundError) as e:  # a bad checkpoint (CheckpointError) or option
         raise fail(str(e)) from None
     if segmenter.reference_overridden:
         trained = segmenter.config.contrast_reference
         console.print(f"contrast reference: {segmenter.reference} (the net trained with {trained})")
+    transparent: list[str] = []
     with _progress() as bar:
         task = bar.add_task("evaluate", total=len(dataset), status="")
         scores = run_evaluation(
@@ -310,6 +320,14 @@ def evaluate(
             pred_out=pred_out,
             plots=plots,
             on_image=lambda stem: bar.update(task, advance=1, status=stem),
+            transparent_stems=transparent,
+        )
+    if segmenter.substrate != "oxide":
+        shown = ", ".join(transparent[:8]) + (", ..." if len(transparent) > 8 else "")
+        console.print(
+            f"substrate {segmenter.substrate}: {len(transparent)} of {len(dataset)} image(s) "
+            f"read as on a transparent substrate" + (f" ({shown})" if transparent else ""),
+            markup=False,
         )
     console.print(scores.format_table())
     if worst:
@@ -318,7 +336,8 @@ def evaluate(
         table = scores.format_worst(worst)
         console.print(table, markup=False, emoji=False, highlight=False, soft_wrap=True)
     if json_out:
-        json_out.write_text(json.dumps(scores.as_dict(), indent=2))
+        doc = {**scores.as_dict(), "read_as_transparent_substrate": transparent}
+        json_out.write_text(json.dumps(doc, indent=2))
 
 
 def cv(

@@ -123,6 +123,8 @@ class Scan:
         self.chip_reference: ChipReference | None = None
         if cfg.model.chip_reference and segmenter.config.input_contrast:
             self.chip_reference = ChipReference()
+        #: tiles read as on a transparent substrate (scan.model.substrate)
+        self.tiles_transparent = 0
         #: the flat-field gain frames are divided by for the model and the overview
         self._gain: np.ndarray | None = None
         self._stop_requested = False
@@ -576,12 +578,21 @@ class Scan:
         """The frames flat-field corrected, and the model's probabilities and labels for
         every tile of them."""
         frames, tiles = _model_tiles(frames, self._gain)
-        references = None
+        seg = self.segmenter
+        if self.chip_reference is None and seg.substrate == "oxide":
+            return frames, *seg.predict(tiles)
+        # A tile's own references are what predict would find itself (tiles are one window).
+        references, transparent = seg.substrate_references(tiles)
         if self.chip_reference is not None:
-            references, replaced = self.chip_reference.choose(self.segmenter.references(tiles))
+            references, replaced = self.chip_reference.choose(references)
             if replaced.any():
                 log.info("inference.chip_reference", tiles=int(replaced.sum()), of=len(tiles))
-        return frames, *self.segmenter.predict(tiles, references=references)
+                # The chip's colour is its substrate's: mirrored only on a transparent chip.
+                transparent[replaced] = seg.substrate == "transparent"
+        if transparent.any():
+            self.tiles_transparent += int(transparent.sum())
+            log.info("inference.transparent_substrate", tiles=int(transparent.sum()), of=len(tiles))
+        return frames, *seg.predict(tiles, references=references, transparent=transparent)
 
     def _record_batch(
         self,
@@ -756,6 +767,7 @@ class Scan:
         progress.bilayers = sum(f.layer_class == "bilayer" for f in sure)
         if self.chip_reference is not None:
             progress.tiles_chip_reference = self.chip_reference.replaced
+        progress.tiles_transparent = self.tiles_transparent
 
     def _report(self, progress: ScanProgress) -> None:
         if self.on_progress is not None:

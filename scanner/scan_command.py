@@ -82,6 +82,7 @@ def load_segmenter(model: ModelConfig) -> Segmenter:
         device=resolve_device(model.device),
         batch_size=model.batch_size,
         plain_posterior=model.plain_posterior,
+        substrate=model.substrate,
     )
 
 

@@ -65,6 +65,13 @@ class ModelConfig(_Strict):
     #: without it a film larger than the field shows holes the size of a field. For models
     #: that take the optical contrast (the shipped one does); ignored for others.
     chip_reference: bool = True
+    #: what the flakes lie on: `oxide` (SiO2/Si), `transparent` (quartz, sapphire: the layers
+    #: are brighter than the dark substrate and are read mirrored onto the oxide's contrast,
+    #: model/unet/reference.py) or `auto`, decided per tile. Unset: the model's own default
+    #: (`auto` for the shipped model, `oxide` for nets that see raw colour). `auto` sees a
+    #: transparent substrate only where films cover half a tile: set `transparent` for such
+    #: chips.
+    substrate: Literal["auto", "oxide", "transparent"] | None = None
 
 
 class FlatFieldConfig(_Strict):

@@ -23,6 +23,7 @@ class ScanProgress:
     fields_resumed: int = 0
     #: tiles read against the chip's oxide colour, not their own (scanner/chip_reference.py)
     tiles_chip_reference: int = 0
+    tiles_transparent: int = 0
 
 
 @dataclass
@@ -51,6 +52,7 @@ def summary(result: ScanResult) -> dict[str, Any]:
         "fields_failed": p.fields_failed,
         "fields_resumed": p.fields_resumed,
         "tiles_read_against_chip_oxide": p.tiles_chip_reference,
+        "tiles_read_as_transparent_substrate": p.tiles_transparent,
         "flakes": counts,
         "failed_fields": result.failed_fields,
         "focus_points_um": [list(pt) for pt in result.focus_points],
