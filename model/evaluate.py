@@ -7,14 +7,26 @@ Predicted masks go out as PNGs with the images' stems, values 0 other / 1 monola
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .data import Dataset
+from .illumination import level_illumination
 from .metrics import ScoreAccumulator, Scores, plot_curves
 from .segmenter import Segmenter
+
+
+@dataclass
+class Reading:
+    """How single images were read: the stems levelled (`model/illumination.py`) and those
+    read as on a transparent substrate (`Segmenter.substrate`; decided for the whole image,
+    which each window is read by unless the Segmenter's ``image_reference`` is off)."""
+
+    levelled: list[str] = field(default_factory=list)
+    transparent: list[str] = field(default_factory=list)
 
 
 def evaluate(
@@ -25,14 +37,11 @@ def evaluate(
     pred_out: str | Path | None = None,
     plots: str | Path | None = None,
     on_image: Callable[[str], None] | None = None,
-    transparent_stems: list[str] | None = None,
+    level: bool = False,
+    reading: Reading | None = None,
 ) -> Scores:
-    """Scores of `segmenter` on the dataset's images (all, or those at `indices`).
-
-    ``transparent_stems``: a list to append the stems of the images read as on a transparent
-    substrate to (`Segmenter.substrate`; for the whole image, which is what each window is
-    read by unless ``image_reference`` is off).
-    """
+    """Scores of `segmenter` on the dataset's images (all, or those at `indices`); ``level``
+    and ``reading`` as `read_image` takes them."""
     chosen = range(len(dataset)) if indices is None else indices
     if pred_out is not None:
         Path(pred_out).mkdir(parents=True, exist_ok=True)
@@ -40,19 +49,42 @@ def evaluate(
     for i in chosen:
         sample = dataset.samples[i]
         image, truth = dataset.read_pair(sample)
-        given: tuple[np.ndarray, np.ndarray] | tuple[()] = ()
-        if transparent_stems is not None and segmenter.substrate != "oxide":
-            references, transparent = segmenter.substrate_references(image[None])
-            if transparent[0]:
-                transparent_stems.append(sample.stem)
-            if segmenter.image_reference:  # what predict finds itself: no need to again
-                given = (references, transparent)
-        probs, labels = segmenter.predict(image[None], *given)
-        acc.update(truth, pred=labels[0], probs=probs[0], name=sample.stem)
+        probs, labels = read_image(segmenter, image, sample.stem, level=level, reading=reading)
+        acc.update(truth, pred=labels, probs=probs, name=sample.stem)
         if pred_out is not None:
-            Image.fromarray(labels[0].astype(np.uint8)).save(Path(pred_out) / f"{sample.stem}.png")
+            Image.fromarray(labels.astype(np.uint8)).save(Path(pred_out) / f"{sample.stem}.png")
         if on_image:
             on_image(sample.stem)
     if plots is not None:
         plot_curves(acc.curves(), plots)
     return acc.scores()
+
+
+def read_image(
+    segmenter: Segmenter,
+    image: np.ndarray,
+    stem: str = "",
+    *,
+    level: bool = False,
+    reading: Reading | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and labels for one H×W×3 uint8 micrograph.
+
+    ``level``: first divide out a plane through its substrate (`level_illumination`), for
+    nets that read optical contrast. ``reading``: where to note, under ``stem``, what was done.
+    """
+    if level:
+        levelled = level_illumination(image, segmenter.references(image))
+        if levelled is not None:
+            image = levelled
+            if reading is not None:
+                reading.levelled.append(stem)
+    given: tuple[np.ndarray, np.ndarray] | tuple[()] = ()
+    if reading is not None and segmenter.substrate != "oxide":
+        references, transparent = segmenter.substrate_references(image[None])
+        if transparent[0]:
+            reading.transparent.append(stem)
+        if segmenter.image_reference:  # what predict finds itself: no need to again
+            given = (references, transparent)
+    probs, labels = segmenter.predict(image[None], *given)
+    return probs[0], labels[0]

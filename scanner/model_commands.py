@@ -286,9 +286,19 @@ def evaluate(
             "such as the shipped one; oxide for others)."
         ),
     ] = None,
+    illumination: Annotated[
+        str | None,
+        typer.Option(
+            help="Level each image's illumination first: plane (a plane through its substrate "
+            "divided out, model/illumination.py) or none (default: plane for nets read with "
+            "`hue`, such as the shipped one; none for others, which trained on images as "
+            "they are)."
+        ),
+    ] = None,
 ) -> None:
     """Score a checkpoint on a dataset folder: pixel accuracy, IoU, region accuracy, ROC/PR."""
     from model.checkpoint import DEFAULT_CHECKPOINT
+    from model.evaluate import Reading
     from model.evaluate import evaluate as run_evaluation
     from model.segmenter import Segmenter
     from model.train import resolve_device
@@ -311,7 +321,13 @@ def evaluate(
     if segmenter.reference_overridden:
         trained = segmenter.config.contrast_reference
         console.print(f"contrast reference: {segmenter.reference} (the net trained with {trained})")
-    transparent: list[str] = []
+    if illumination is None:
+        illumination = "plane" if segmenter.reference == "hue" else "none"
+    if illumination not in ("plane", "none"):
+        raise fail(f"--illumination {illumination!r}: choose plane or none")
+    if illumination == "plane" and not segmenter.config.input_contrast:
+        raise fail("--illumination plane levels against the contrast reference; this net has none")
+    reading = Reading()
     with _progress() as bar:
         task = bar.add_task("evaluate", total=len(dataset), status="")
         scores = run_evaluation(
@@ -320,8 +336,15 @@ def evaluate(
             pred_out=pred_out,
             plots=plots,
             on_image=lambda stem: bar.update(task, advance=1, status=stem),
-            transparent_stems=transparent,
+            level=illumination == "plane",
+            reading=reading,
         )
+    if illumination == "plane":
+        console.print(
+            f"illumination: levelled {len(reading.levelled)} of {len(dataset)} image(s) by a "
+            "plane through the substrate (--illumination none: as they are)"
+        )
+    transparent = reading.transparent
     if segmenter.substrate != "oxide":
         shown = ", ".join(transparent[:8]) + (", ..." if len(transparent) > 8 else "")
         console.print(
@@ -336,7 +359,12 @@ def evaluate(
         table = scores.format_worst(worst)
         console.print(table, markup=False, emoji=False, highlight=False, soft_wrap=True)
     if json_out:
-        doc = {**scores.as_dict(), "read_as_transparent_substrate": transparent}
+        doc = {
+            **scores.as_dict(),
+            "illumination": illumination,
+            "levelled": reading.levelled,
+            "read_as_transparent_substrate": transparent,
+        }
         json_out.write_text(json.dumps(doc, indent=2))
 
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from model.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from model.data import load_dataset  # noqa: E402
+from model.evaluate import read_image  # noqa: E402
 from model.metrics import confusion_matrix, mean_pixel_accuracy  # noqa: E402
 from model.segmenter import Segmenter  # noqa: E402
 
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     for ax_row, i in zip(axes, rows, strict=True):
         sample = ds.samples[i]
         image, truth = ds.read_pair(sample)
-        _, pred = seg.predict(image)
+        # read as `flakescan evaluate` reads it by default
+        _, pred = read_image(seg, image, level=seg.reference == "hue")
         mpa = mean_pixel_accuracy(confusion_matrix(truth, pred))
         panels = [
             (image, sample.stem),
