@@ -86,9 +86,9 @@ def cross_validate(
         for k, (train_idx, val_idx) in enumerate(splits):
             cfg = base.model_copy(update={"augment": augment, "loss": loss})
             model, _, _ = train([pairs[i] for i in train_idx], cfg, other_outputs=other_outputs)
-            segmenter = Segmenter(
-                model, device=str(next(model.parameters()).device), batch_size=batch_size
-            )
+            # Read as trained: training mirrors no image, so neither does scoring.
+            device = str(next(model.parameters()).device)
+            segmenter = Segmenter(model, device=device, batch_size=batch_size, substrate="oxide")
             scores = evaluate(segmenter, dataset, [indices[i] for i in val_idx])
             result.folds.append(scores)
             log.info(

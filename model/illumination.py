@@ -21,6 +21,9 @@ LEVEL_ROUNDS = 3
 LEVEL_STEP = 4
 #: fewer substrate pixels than this share of the image: left as it is
 LEVEL_MIN_SHARE = 0.05
+#: the substrate found must span this share of the image's width and of its height (5th to
+#: 95th percentile), or the plane would be extrapolated over the rest: left as it is
+LEVEL_MIN_SPAN = 0.5
 
 
 def level_illumination(image: np.ndarray, reference: np.ndarray) -> np.ndarray | None:
@@ -47,10 +50,18 @@ def level_illumination(image: np.ndarray, reference: np.ndarray) -> np.ndarray |
             return None
         coef = np.linalg.lstsq(design[substrate], logs[substrate], rcond=None)[0]
         surface = design @ coef
+    if not _spread(design[substrate]):
+        return None
     level = np.median(surface[substrate], axis=0)
     plane = _plane_terms(height, width, 1) @ coef - level
     gain = np.exp(plane).reshape(height, width, channels)
     return np.clip(image / gain + 0.5, 0, 255).astype(np.uint8)
+
+
+def _spread(terms: np.ndarray) -> bool:
+    """Whether the substrate's pixels (rows of `_plane_terms`) span LEVEL_MIN_SPAN each way."""
+    low, high = np.percentile(terms[:, 1:], [5, 95], axis=0)
+    return bool((high - low >= LEVEL_MIN_SPAN).all())
 
 
 def _plane_terms(height: int, width: int, step: int) -> np.ndarray:

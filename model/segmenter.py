@@ -24,7 +24,12 @@ from torch import nn
 from model.checkpoint import CLASS_NAMES, Checkpoint, load_checkpoint
 from model.inference_net import fold_batch_norm, fold_for_inference
 from model.unet import UNet
-from model.unet.reference import ContrastReference, Substrate, substrate_reference
+from model.unet.reference import (
+    TRANSPARENT_CONTRAST,
+    ContrastReference,
+    Substrate,
+    substrate_reference,
+)
 
 Window = tuple[int, int, torch.Tensor]  # top, left, window×window blending weight
 #: contrast references of images on the device: colours and the contrast's factor (or None)
@@ -61,9 +66,12 @@ class Segmenter:
     it stays off there.
     ``substrate``: what the flakes lie on (`substrate_reference`): `oxide`, `transparent`
     (quartz, sapphire: layers brighter than the substrate, read mirrored onto the oxide's
-    contrast), or `auto`, decided per image. None: `auto` for nets read with `hue` (trained on
-    synthetic oxide only; on the real set 0.715 → 0.794 mean per-class accuracy, the dark-
-    background images read), `oxide` for the others (a lab's own nets learn its substrate).
+    contrast), or `auto`, decided per image. None: `auto` for nets read with `hue` that take
+    only the optical contrast of RGB images (such as the shipped model, trained on synthetic
+    oxide: on the real set 0.715 → 0.795 mean per-class accuracy, the dark-background images
+    read), `oxide` for the others. Training mirrors no image, so a net trained on a lab's own
+    images of a transparent substrate is read as it learnt them with `oxide` (as
+    cross-validation and training's validation read theirs).
     ``amp`` (autocast) defaults to on for CUDA — bf16 where supported, else fp16 — and is refused
     on the CPU, where it would change results for little gain.
     """
@@ -114,7 +122,9 @@ class Segmenter:
         #: the rule the contrast reference is found by here (the net's own, or READ_AS's)
         self.reference: ContrastReference = reference
         if substrate is None:
-            substrate = "auto" if reference == "hue" and not config.input_raw else "oxide"
+            reads_contrast = config.input_contrast and config.in_channels == 3
+            auto = reads_contrast and reference == "hue" and not config.input_raw
+            substrate = "auto" if auto else "oxide"
         if substrate not in get_args(Substrate):
             raise ValueError(
                 f"{substrate!r} is not a substrate; choose from {', '.join(get_args(Substrate))}"
@@ -213,11 +223,21 @@ class Segmenter:
         Only for nets that take the optical contrast.
         ``transparent`` (N booleans, with ``references``): which of those colours are a
         transparent substrate's, to read mirrored (`substrate_references` gives both). Without
-        it, none are, unless ``substrate`` is `transparent`.
+        it, each image's own decision (`auto`; for a larger image, the whole image's), all
+        (`transparent`) or none (`oxide`).
         """
         images, single = self._as_batch(tiles)
         n, height, width, _ = images.shape
-        given = None if references is None else self._given_references(references, n, transparent)
+        given = None
+        if references is not None:
+            if transparent is None and self.substrate == "auto":
+                transparent = self.substrate_references(images)[1]
+            given = self._given_references(references, n, transparent)
+        elif transparent is not None:
+            raise ValueError(
+                "transparent says which of the given references are mirrored: give "
+                "references with it"
+            )
         probs = self._host_empty((n, self.config.classes, height, width), torch.float32)
         labels = self._host_empty((n, height, width), torch.uint8)
         if n == 0:
@@ -294,8 +314,7 @@ class Segmenter:
         if self.substrate == "oxide":
             raise ValueError("transparent references given to a Segmenter read on oxide")
         picked = torch.from_numpy(np.broadcast_to(transparent, (n,)).copy()).to(self.device)
-        _, mirror = substrate_reference(colours[:1], self.reference, "transparent")
-        assert mirror is not None
+        mirror = torch.tensor(TRANSPARENT_CONTRAST, device=self.device).view(1, -1, 1, 1)
         ones = torch.ones_like(colours)
         return colours, torch.where(picked[:, None, None, None], mirror, ones)
 

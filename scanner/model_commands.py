@@ -182,7 +182,8 @@ def train(
     val_set = _load(val) if val else None
 
     def validate(m):
-        scores = evaluate(Segmenter(m, batch_size=1), val_set)
+        # as the net trains: no image is mirrored in training (Segmenter.substrate)
+        scores = evaluate(Segmenter(m, batch_size=1, substrate="oxide"), val_set)
         return {
             "val_mpa": round(scores.mean_pixel_accuracy, 4),
             "val_region": round(scores.regions.accuracy, 4),
@@ -322,7 +323,8 @@ def evaluate(
         trained = segmenter.config.contrast_reference
         console.print(f"contrast reference: {segmenter.reference} (the net trained with {trained})")
     if illumination is None:
-        illumination = "plane" if segmenter.reference == "hue" else "none"
+        hue = segmenter.config.input_contrast and segmenter.reference == "hue"
+        illumination = "plane" if hue else "none"
     if illumination not in ("plane", "none"):
         raise fail(f"--illumination {illumination!r}: choose plane or none")
     if illumination == "plane" and not segmenter.config.input_contrast:

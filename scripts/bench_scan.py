@@ -98,7 +98,10 @@ def main() -> None:
 
         def infer(tiles: np.ndarray) -> None:
             # as the scan does: each tile's own reference first, for the chip reference
-            seg.predict(tiles, references=seg.references(tiles) if chip_reference else None)
+            if chip_reference:
+                seg.predict(tiles, *seg.substrate_references(tiles))
+            else:
+                seg.predict(tiles)
 
         infer(batch[:2])
         t = time.perf_counter()

@@ -48,6 +48,11 @@ def test_an_even_field_is_left_as_it_is() -> None:
 def test_without_substrate_near_the_reference_nothing_is_levelled() -> None:
     image, _ = _tilted(0.1)
     assert level_illumination(image, OXIDE * 0.5) is None  # no pixel is that colour
+    # oxide in a strip down one side only, a film over the rest: a plane through the strip
+    # would be extrapolated over the whole film
+    strip = image.copy()
+    strip[:, 30:] = (MONOLAYER * 255).astype(np.uint8)
+    assert level_illumination(strip, np.median(image[:, :30], axis=(0, 1)) / 255) is None
     with pytest.raises(ValueError, match="uint8"):
         level_illumination(image.astype(np.float32), OXIDE)
     with pytest.raises(ValueError, match="expected 3 colours"):

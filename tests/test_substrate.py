@@ -117,6 +117,7 @@ def test_segmenter_reads_bright_nets_with_auto_and_lab_nets_on_oxide() -> None:
     )
     assert Segmenter(lab).substrate == "oxide"
     raw = build_unet(UNetConfig(width=4, depth=2))
+    assert Segmenter(raw, reference="hue").substrate == "oxide"  # nothing to mirror
     with pytest.raises(ValueError, match="read from the optical contrast"):
         Segmenter(raw, substrate="transparent")
     with pytest.raises(ValueError, match="'glass' is not a substrate; choose from auto"):
@@ -146,8 +147,12 @@ def test_segmenter_predicts_a_quartz_tile_mirrored_and_its_references_say_so() -
     with torch.no_grad():
         want = torch.softmax(net(x, ref, scale), 1)[0].numpy()
     np.testing.assert_allclose(auto.predict(tile)[0], want, atol=1e-6)
+    # own references without the flags: each image's own decision, as predict makes it
+    np.testing.assert_array_equal(auto.predict(tile, references=refs)[0], auto.predict(tile)[0])
     with pytest.raises(ValueError, match="read on oxide"):
         oxide.predict(tile[None], refs[None], np.array([True]))
+    with pytest.raises(ValueError, match="give references with it"):
+        auto.predict(tile, transparent=np.array(True))
     with pytest.raises(ValueError, match="expected 2 booleans"):
         auto.predict(np.stack([tile, tile]), np.stack([refs, refs]), np.array([1, 0]))
 

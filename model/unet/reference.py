@@ -152,17 +152,19 @@ def substrate_reference(
     flat = _flat(x)
     bright = _bright(flat)
     if reference in ("bright", "hue"):
-        ref = _bright_or_hue(flat, bright, reference)
+        ref = _bright_or_hue(flat, bright, reference).clone()  # rows are overwritten below
     else:
         ref = _flat(reference_colours(x, reference))[..., 0]
-    valid, seed_red = _dark_seed(flat)
+    grown = _dark_surface(flat)
     if substrate == "transparent":
         transparent = torch.ones(len(flat), dtype=torch.bool, device=x.device)
-    else:  # the grown surface is at least as bright as its seed: most tiles stop here
-        transparent = bright[:, 0] >= TRANSPARENT_RED_RATIO[0] * seed_red[:, 0]
+    else:  # the red criterion first, on red alone: most tiles stop there
+        dark_red = flat[:, 0].masked_fill(~grown, float("nan")).nanmedian(dim=-1).values
+        lo, hi = TRANSPARENT_RED_RATIO
+        transparent = (bright[:, 0] >= lo * dark_red) & (bright[:, 0] <= hi * dark_red)
     if transparent.any():
         rows = transparent.nonzero()[:, 0]
-        dark = _dark_surface(flat[rows], valid[rows], seed_red[rows])
+        dark = flat[rows].masked_fill(~grown[rows, None], float("nan")).nanmedian(dim=-1).values
         if substrate == "auto":
             transparent[rows] = is_transparent(bright[rows], dark)
         ref[rows] = torch.where(transparent[rows, None], dark, ref[rows])
@@ -181,9 +183,10 @@ def is_transparent(bright: torch.Tensor, dark: torch.Tensor) -> torch.Tensor:
     return (red >= lo) & (red <= hi) & (blue > TRANSPARENT_BLUER * red)
 
 
-def _dark_seed(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N×P pixels to use, N×1 red of the darkest surface's seed): TRANSPARENT_SEED_SHARE of
-    the pixels neither near black (the stage) nor clipped, or of all where none is valid."""
+def _dark_surface(flat: torch.Tensor) -> torch.Tensor:
+    """N×P: the pixels of each image's darkest surface in red. The darkest
+    TRANSPARENT_SEED_SHARE of the pixels neither near black (the stage) nor clipped (of all,
+    where none is valid) seed it, grown to every such pixel up to TRANSPARENT_GROW brighter."""
     red = flat[:, 0]
     lo, hi = HUE_VALID_RED
     valid = (red > lo) & (red < hi)
@@ -194,10 +197,4 @@ def _dark_seed(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     seed_red = torch.stack(
         [row.kthvalue(int(k) + 1).values for row, k in zip(ordered, at, strict=True)]
     )[:, None]
-    return valid, seed_red
-
-
-def _dark_surface(flat: torch.Tensor, valid: torch.Tensor, seed_red: torch.Tensor) -> torch.Tensor:
-    """N×C colour of the darkest surface: the seed grown by TRANSPARENT_GROW."""
-    grown = valid & (flat[:, 0] <= seed_red * TRANSPARENT_GROW)
-    return flat.masked_fill(~grown[:, None], float("nan")).nanmedian(dim=-1).values
+    return valid & (red <= seed_red * TRANSPARENT_GROW)
