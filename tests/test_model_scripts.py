@@ -119,6 +119,8 @@ def test_bench_training_projects_a_recipe_from_its_measured_rate(monkeypatch, ca
     _, preset, crop, batch, precision, rate, samples, run, unit = row.split()[:9]
     assert (preset, crop, batch, precision) == ("small", "256", "4", "fp32")
     assert float(rate) > 0 and float(samples) == pytest.approx(4 * float(rate), rel=0.01)
-    # 30 epochs of 48 steps at the measured rate
+    # 30 epochs of 48 steps at the measured rate, which is printed to 0.005 steps/s: a slow
+    # (loaded) machine's projection moves by that share, beside the run's own 0.05 rounding
     minutes = 30 * 48 / float(rate) / 60
-    assert float(run) == pytest.approx(minutes if unit == "min" else minutes / 60, abs=0.06)
+    expected = minutes if unit == "min" else minutes / 60
+    assert float(run) == pytest.approx(expected, rel=0.005 / float(rate), abs=0.06)
