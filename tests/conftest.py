@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from drivers.simulated import SimulatedCore, SimulatedRigConfig, create_simulated_core
 from drivers.unicore import dispose_core
+
+
+def fresh_tiles(out: Path, count: int, seed: int, **kwargs: object) -> Path:
+    """A dataset folder of synthetic tiles from configs/simulated.yaml, as `flakescan synth`
+    writes them (``kwargs``: `write_synthetic_dataset`'s); pick seeds training never used."""
+    from drivers.simulated.config import load_simulated_config
+    from drivers.simulated.synth import write_synthetic_dataset
+
+    base = load_simulated_config("configs/simulated.yaml")
+    return write_synthetic_dataset(base, out, count=count, seed=seed, **kwargs)  # type: ignore[arg-type]
 
 
 def small_rig_config(**overrides: object) -> SimulatedRigConfig:

@@ -81,21 +81,14 @@ def test_shipped_model_reads_the_simulated_rigs_tiles(tmp_path) -> None:
     """Fresh tiles (a seed training never used) in the rig's own look, through the segmenter
     and flat-field correction the scanner uses: the shipped model must tell the layers apart
     there, or every simulated scan is wrong."""
-    from drivers.simulated.config import load_simulated_config
-    from drivers.simulated.synth import write_synthetic_dataset
+    from conftest import fresh_tiles
+
     from model.metrics import confusion_matrix
     from scanner.flat_field import apply_flat_field, estimate_flat_field
     from scanner.scan_command import load_segmenter
     from scanner.scan_config import ModelConfig
 
-    out = write_synthetic_dataset(
-        load_simulated_config("configs/simulated.yaml"),
-        tmp_path / "rig",
-        count=12,
-        seed=4242,
-        tiles_per_chip=4,
-        randomise=False,
-    )
+    out = fresh_tiles(tmp_path / "rig", 12, 4242, tiles_per_chip=4, randomise=False)
     segmenter = load_segmenter(ModelConfig(batch_size=4))
     images = sorted((out / "images").glob("*.jpg"))
     frames = [np.asarray(Image.open(image)) for image in images]

@@ -63,23 +63,15 @@ def test_the_shipped_model_reads_tilted_light_as_oxide_once_levelled(tmp_path) -
     """Fresh rig-look tiles lit 24 % brighter on one side than the other (real micrographs:
     9 % median, 19 % at the 90th percentile): read as they are, the dark side's oxide turns
     monolayer; levelled, it stays oxide and the layers are still found."""
+    from conftest import fresh_tiles
     from PIL import Image
 
-    from drivers.simulated.config import load_simulated_config
-    from drivers.simulated.synth import write_synthetic_dataset
     from model.evaluate import Reading, read_image
     from model.metrics import confusion_matrix
     from scanner.scan_command import load_segmenter
     from scanner.scan_config import ModelConfig
 
-    out = write_synthetic_dataset(
-        load_simulated_config("configs/simulated.yaml"),
-        tmp_path / "rig",
-        count=6,
-        seed=4244,
-        tiles_per_chip=3,
-        randomise=False,
-    )
+    out = fresh_tiles(tmp_path / "rig", 6, 4244, tiles_per_chip=3, randomise=False)
     segmenter = load_segmenter(ModelConfig(batch_size=4))
     light = 1 + 0.24 * (0.5 - np.arange(512) / 511)
     reading = Reading()

@@ -161,20 +161,13 @@ def test_shipped_model_reads_synthetic_quartz_tiles_when_told_the_substrate(tmp_
     """Fresh CVD tiles on quartz or sapphire (flakescan synth --transparent-share 1), which the
     shipped model never trained on: read as on oxide it finds almost none of their layers;
     read mirrored it finds most (held-out set of 64: mean per-class accuracy 0.195 -> 0.641)."""
-    from drivers.simulated.config import load_simulated_config
-    from drivers.simulated.synth import write_synthetic_dataset
+    from conftest import fresh_tiles
+
     from model.checkpoint import DEFAULT_CHECKPOINT
     from model.data import load_dataset
     from model.metrics import confusion_matrix
 
-    out = write_synthetic_dataset(
-        load_simulated_config("configs/simulated.yaml"),
-        tmp_path / "quartz",
-        count=8,
-        seed=4243,
-        tiles_per_chip=4,
-        transparent_share=1.0,
-    )
+    out = fresh_tiles(tmp_path / "quartz", 8, 4243, tiles_per_chip=4, transparent_share=1.0)
     data = load_dataset(out)
     recall = {}
     for substrate in ("oxide", "transparent"):
