@@ -21,8 +21,9 @@ LEVEL_ROUNDS = 3
 LEVEL_STEP = 4
 #: fewer substrate pixels than this share of the image: left as it is
 LEVEL_MIN_SHARE = 0.05
-#: the substrate found must span this share of the image's width and of its height (5th to
-#: 95th percentile), or the plane would be extrapolated over the rest: left as it is
+#: the substrate found must span this share of the image's width and of its height from its
+#: 5th to its 95th percentile (an even strip: ~55 % of the image), or the plane would be
+#: extrapolated over the rest: left as it is
 LEVEL_MIN_SPAN = 0.5
 
 

@@ -224,7 +224,8 @@ class Segmenter:
         ``transparent`` (N booleans, with ``references``): which of those colours are a
         transparent substrate's, to read mirrored (`substrate_references` gives both). Without
         it, each image's own decision (`auto`; for a larger image, the whole image's), all
-        (`transparent`) or none (`oxide`).
+        (`transparent`) or none (`oxide`): pass it with colours from elsewhere (the chip's),
+        or a tile that alone looks transparent is read mirrored against them.
         """
         images, single = self._as_batch(tiles)
         n, height, width, _ = images.shape
