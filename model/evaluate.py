@@ -60,6 +60,13 @@ def evaluate(
     return acc.scores()
 
 
+def levels_by_default(segmenter: Segmenter) -> bool:
+    """Whether single images are levelled unless told otherwise: for nets read with `hue`
+    (trained on synthetic tiles, read against one reference), not for nets that learnt a
+    lab's own images as they are."""
+    return segmenter.config.input_contrast and segmenter.reference == "hue"
+
+
 def read_image(
     segmenter: Segmenter,
     image: np.ndarray,

@@ -25,9 +25,9 @@ from model.checkpoint import CLASS_NAMES, Checkpoint, load_checkpoint
 from model.inference_net import fold_batch_norm, fold_for_inference
 from model.unet import UNet
 from model.unet.reference import (
-    TRANSPARENT_CONTRAST,
     ContrastReference,
     Substrate,
+    contrast_scale,
     substrate_reference,
 )
 
@@ -121,15 +121,15 @@ class Segmenter:
             )
         #: the rule the contrast reference is found by here (the net's own, or READ_AS's)
         self.reference: ContrastReference = reference
+        reads_rgb_contrast = config.input_contrast and config.in_channels == 3
         if substrate is None:
-            reads_contrast = config.input_contrast and config.in_channels == 3
-            auto = reads_contrast and reference == "hue" and not config.input_raw
+            auto = reads_rgb_contrast and reference == "hue" and not config.input_raw
             substrate = "auto" if auto else "oxide"
         if substrate not in get_args(Substrate):
             raise ValueError(
                 f"{substrate!r} is not a substrate; choose from {', '.join(get_args(Substrate))}"
             )
-        if substrate != "oxide" and not (config.input_contrast and config.in_channels == 3):
+        if substrate != "oxide" and not reads_rgb_contrast:
             raise ValueError(
                 f"substrate {substrate!r} is read from the optical contrast of RGB images; this "
                 "net does not take it"
@@ -314,10 +314,8 @@ class Segmenter:
             return colours, None
         if self.substrate == "oxide":
             raise ValueError("transparent references given to a Segmenter read on oxide")
-        picked = torch.from_numpy(np.broadcast_to(transparent, (n,)).copy()).to(self.device)
-        mirror = torch.tensor(TRANSPARENT_CONTRAST, device=self.device).view(1, -1, 1, 1)
-        ones = torch.ones_like(colours)
-        return colours, torch.where(picked[:, None, None, None], mirror, ones)
+        picked = torch.from_numpy(np.broadcast_to(transparent, (n,)).copy())
+        return colours, contrast_scale(picked, colours)
 
     def _host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
         """A result array; from a GPU, in page-locked memory, which the GPU copies into ~50×

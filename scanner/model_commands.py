@@ -299,7 +299,7 @@ def evaluate(
 ) -> None:
     """Score a checkpoint on a dataset folder: pixel accuracy, IoU, region accuracy, ROC/PR."""
     from model.checkpoint import DEFAULT_CHECKPOINT
-    from model.evaluate import Reading
+    from model.evaluate import Reading, levels_by_default
     from model.evaluate import evaluate as run_evaluation
     from model.segmenter import Segmenter
     from model.train import resolve_device
@@ -323,8 +323,7 @@ def evaluate(
         trained = segmenter.config.contrast_reference
         console.print(f"contrast reference: {segmenter.reference} (the net trained with {trained})")
     if illumination is None:
-        hue = segmenter.config.input_contrast and segmenter.reference == "hue"
-        illumination = "plane" if hue else "none"
+        illumination = "plane" if levels_by_default(segmenter) else "none"
     if illumination not in ("plane", "none"):
         raise fail(f"--illumination {illumination!r}: choose plane or none")
     if illumination == "plane" and not segmenter.config.input_contrast:

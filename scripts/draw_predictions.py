@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from model.checkpoint import DEFAULT_CHECKPOINT  # noqa: E402
 from model.data import load_dataset  # noqa: E402
-from model.evaluate import read_image  # noqa: E402
+from model.evaluate import levels_by_default, read_image  # noqa: E402
 from model.metrics import confusion_matrix, mean_pixel_accuracy  # noqa: E402
 from model.segmenter import Segmenter  # noqa: E402
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         sample = ds.samples[i]
         image, truth = ds.read_pair(sample)
         # read as `flakescan evaluate` reads it by default
-        _, pred = read_image(seg, image, level=seg.reference == "hue")
+        _, pred = read_image(seg, image, level=levels_by_default(seg))
         mpa = mean_pixel_accuracy(confusion_matrix(truth, pred))
         panels = [
             (image, sample.stem),

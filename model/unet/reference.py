@@ -160,27 +160,37 @@ def substrate_reference(
         transparent = torch.ones(len(flat), dtype=torch.bool, device=x.device)
     else:  # the red criterion first, on red alone: most tiles stop there
         dark_red = flat[:, 0].masked_fill(~grown, float("nan")).nanmedian(dim=-1).values
-        lo, hi = TRANSPARENT_RED_RATIO
-        transparent = (bright[:, 0] >= lo * dark_red) & (bright[:, 0] <= hi * dark_red)
+        transparent = _red_in_range(bright[:, 0], dark_red)
     if transparent.any():
         rows = transparent.nonzero()[:, 0]
         dark = flat[rows].masked_fill(~grown[rows, None], float("nan")).nanmedian(dim=-1).values
         if substrate == "auto":
             transparent[rows] = is_transparent(bright[rows], dark)
         ref[rows] = torch.where(transparent[rows, None], dark, ref[rows])
-    mirror = torch.tensor(TRANSPARENT_CONTRAST, dtype=x.dtype, device=x.device)
-    scale = torch.where(transparent[:, None], mirror, torch.ones_like(ref))
     shape = (*x.shape[:-2], 1, 1)
-    return ref.reshape(shape), scale.reshape(shape)
+    return ref.reshape(shape), contrast_scale(transparent, ref).reshape(shape)
+
+
+def contrast_scale(transparent: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per image (N booleans), the contrast's factor per channel, shaped, typed and placed
+    like ``like`` (N×C...): TRANSPARENT_CONTRAST where transparent, 1 elsewhere."""
+    mirror = torch.tensor(TRANSPARENT_CONTRAST, dtype=like.dtype, device=like.device)
+    picked = transparent.to(like.device).view(-1, *[1] * (like.dim() - 1))
+    return torch.where(picked, mirror.view(1, -1, *[1] * (like.dim() - 2)), torch.ones_like(like))
 
 
 def is_transparent(bright: torch.Tensor, dark: torch.Tensor) -> torch.Tensor:
     """Per image: `bright`'s pick (N×3) brighter in red than the dark substrate's colour by
     TRANSPARENT_RED_RATIO, and in blue by TRANSPARENT_BLUER times more."""
-    ratio = bright / dark.clamp_min(1e-6)
+    red = bright[:, 0] / dark[:, 0].clamp_min(1e-6)
+    blue = bright[:, 2] / dark[:, 2].clamp_min(1e-6)
+    return _red_in_range(bright[:, 0], dark[:, 0]) & (blue > TRANSPARENT_BLUER * red)
+
+
+def _red_in_range(bright_red: torch.Tensor, dark_red: torch.Tensor) -> torch.Tensor:
     lo, hi = TRANSPARENT_RED_RATIO
-    red, blue = ratio[:, 0], ratio[:, 2]
-    return (red >= lo) & (red <= hi) & (blue > TRANSPARENT_BLUER * red)
+    ratio = bright_red / dark_red.clamp_min(1e-6)
+    return (ratio >= lo) & (ratio <= hi)
 
 
 def _dark_surface(flat: torch.Tensor) -> torch.Tensor:
