@@ -36,6 +36,8 @@ Window = tuple[int, int, torch.Tensor]  # top, left, window×window blending wei
 References = tuple[torch.Tensor, torch.Tensor | None]
 #: largest result predict() page-locks: 64 tiles' probabilities (3 × 512² float32 each)
 PINNED_MAX_BYTES = 64 * 3 * 512 * 512 * 4
+#: batches whose results may wait on the GPU at once while predict pipelines (`_pipelined`)
+IN_FLIGHT = 3
 # Nets trained against `bright` are read against `hue`: the same wherever the substrate is most
 # of the field (191 of 192 held-out synthetic tiles, 96 % of training crops), and the
 # substrate's own colour where a film hides it from `bright` (model/unet/reference.py). The
@@ -69,9 +71,10 @@ class Segmenter:
     contrast), or `auto`, decided per image. None: `auto` for nets read with `hue` that take
     only the optical contrast of RGB images (such as the shipped model, trained on synthetic
     oxide: on the real set 0.715 → 0.795 mean per-class accuracy, the dark-background images
-    read), `oxide` for the others. Training mirrors no image, so a net trained on a lab's own
-    images of a transparent substrate is read as it learnt them with `oxide` (as
-    cross-validation and training's validation read theirs).
+    read), `oxide` for the others; `from_checkpoint` reads a net trained mirrored
+    (``TrainConfig.substrate`` `auto`, the `lab` recipes) with `auto`. A net trained without
+    the mirror on a lab's own images of a transparent substrate is read as it learnt them, with
+    `oxide` (as cross-validation and training's validation read theirs).
     ``amp`` (autocast) defaults to on for CUDA — bf16 where supported, else fp16 — and is refused
     on the CPU, where it would change results for little gain.
     """
@@ -191,6 +194,8 @@ class Segmenter:
         for an unweighted loss), so probabilities and labels are the plain posterior.
         """
         model, meta = load_checkpoint(path, device=kwargs.get("device", "cpu"))
+        if kwargs.get("substrate") is None and trained_substrate(meta) == "auto":
+            kwargs["substrate"] = "auto"  # read as it trained: mirrored where auto finds quartz
         if plain_posterior:
             kwargs.setdefault("class_weights", meta.training.get("class_weights"))
         unknown = set(meta.normalisation) - {"scale"}
@@ -251,7 +256,9 @@ class Segmenter:
         refs = given
         if refs is None and not whole and self.image_reference:
             refs = self._references(images)
-        if len(windows) == 1:
+        if len(windows) == 1 and self.device.type == "cuda":
+            self._pipelined(padded, refs, probs, labels)  # crops back to each image's size
+        elif len(windows) == 1:
             for b in range(0, n, self.batch_size):
                 ref = _pick(refs, slice(b, b + self.batch_size))
                 p = self._infer(padded[b : b + self.batch_size], ref)[:, :, :height, :width]
@@ -260,6 +267,54 @@ class Segmenter:
         else:
             self._blend(padded, windows, probs, labels, refs)
         return (probs[0], labels[0]) if single else (probs, labels)
+
+    def _pipelined(
+        self,
+        tiles: np.ndarray,
+        refs: References | None,
+        probs: np.ndarray,
+        labels: np.ndarray,
+    ) -> None:
+        """Window-sized tiles on CUDA, batch by batch, with each batch's upload and its
+        results' copy back overlapping the network's work on its neighbours.
+
+        Uploads go from a page-locked staging buffer (two, used in turn) on a copy stream;
+        results come back on another into ``probs`` and ``labels`` (page-locked where
+        `_host_empty` could). At most IN_FLIGHT batches' results wait on the device at once.
+        """
+        device, bs = self.device, self.batch_size
+        compute = torch.cuda.current_stream(device)
+        upload, download = torch.cuda.Stream(device), torch.cuda.Stream(device)
+        staging = [
+            torch.empty((min(bs, len(tiles)), *tiles.shape[1:]), dtype=torch.uint8, pin_memory=True)
+            for _ in range(2)
+        ]
+        staged: list[torch.cuda.Event | None] = [None, None]
+        returned: list[torch.cuda.Event] = []
+        for k, b in enumerate(range(0, len(tiles), bs)):
+            chunk = tiles[b : b + bs]
+            buffer = staging[k % 2][: len(chunk)]
+            if staged[k % 2] is not None:
+                staged[k % 2].synchronize()  # its last upload has left the buffer
+            buffer.numpy()[...] = chunk
+            with torch.cuda.stream(upload):
+                x = buffer.to(device, non_blocking=True)
+                staged[k % 2] = upload.record_event()
+            compute.wait_stream(upload)
+            x.record_stream(compute)
+            p = self._infer_input(self._scaled(x), _pick(refs, slice(b, b + bs)))
+            p = p[:, :, : labels.shape[1], : labels.shape[2]]  # a padded image's own part
+            label = _argmax(p, dim=1)
+            download.wait_stream(compute)
+            with torch.cuda.stream(download):
+                p.record_stream(download)
+                label.record_stream(download)
+                torch.from_numpy(probs[b : b + len(chunk)]).copy_(p, non_blocking=True)
+                torch.from_numpy(labels[b : b + len(chunk)]).copy_(label, non_blocking=True)
+                returned.append(download.record_event())
+            if len(returned) >= IN_FLIGHT:
+                returned.pop(0).synchronize()
+        download.synchronize()
 
     def references(self, tiles: np.ndarray) -> np.ndarray:
         """N×C float32 (C for one image): each image's own contrast reference, by this
@@ -382,7 +437,10 @@ class Segmenter:
     def _infer(self, crops: np.ndarray, refs: References | None = None) -> torch.Tensor:
         """B×win×win×3 uint8 -> B×classes×win×win float32 probabilities on the device;
         ``refs``: the contrast references of the images they come from (None: their own)."""
-        x = self._to_input(crops)
+        return self._infer_input(self._to_input(crops), refs)
+
+    def _infer_input(self, x: torch.Tensor, refs: References | None) -> torch.Tensor:
+        """`_infer` for an input already on the device, in the net's range."""
         if refs is None and (self.reference_overridden or self.substrate != "oxide"):
             refs = self._own_references(x)
         colours, scale = (None, None) if refs is None else refs
@@ -403,7 +461,10 @@ class Segmenter:
         crops = np.ascontiguousarray(crops)
         if not crops.flags.writeable:  # PIL hands out read-only arrays; torch warns on them
             crops = crops.copy()
-        x = torch.from_numpy(crops).to(self.device, non_blocking=True)
+        return self._scaled(torch.from_numpy(crops).to(self.device, non_blocking=True))
+
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """B×H×W×3 uint8 on the device -> B×3×H×W floats in the net's input range."""
         x = x.permute(0, 3, 1, 2).float().mul_(self.scale)
         return x if self.channels_last else x.contiguous()
 
@@ -451,6 +512,12 @@ class Segmenter:
             raise ValueError(f"image of zero size: shape {tiles.shape}")
         single = tiles.ndim == 3
         return (tiles[None] if single else tiles), single
+
+
+def trained_substrate(meta: Checkpoint) -> str:
+    """How a checkpoint's net was trained to read transparent substrates
+    (``TrainConfig.substrate``): `auto`, or `oxide` (also for nets trained before the option)."""
+    return str((meta.training.get("config") or {}).get("substrate", "oxide"))
 
 
 def _pick(refs: References | None, index: Sequence[int] | slice) -> References | None:

@@ -87,6 +87,21 @@ def test_gpu_inference_matches_the_cpu(small_lab, monkeypatch, amp: bool) -> Non
     _agree(cpu.predict(image), gpu.predict(image), tol)
 
 
+@pytest.mark.parametrize("size", [512, 300])
+def test_pipelined_batches_come_back_in_place(small_lab, monkeypatch, size: int) -> None:
+    # Five batches, more than predict keeps in flight, each tile different: every result must
+    # land where its tile was, whole, as when the tile is read alone. 300 px: padded tiles.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    tiles = RNG.integers(0, 256, (9, size, size, 3), dtype=np.uint8)
+    gpu = Segmenter(small_lab, device="cuda", batch_size=2, amp=False)
+    probs, labels = gpu.predict(tiles)
+    for i in (0, 4, 8):
+        p_alone, l_alone = gpu.predict(tiles[i])
+        np.testing.assert_allclose(probs[i], p_alone, atol=1e-4)
+        assert (labels[i] == l_alone).mean() > 0.999
+    assert not np.allclose(probs[0], probs[1], atol=1e-2)  # the comparison is not vacuous
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("planes", [3, 6, 64])  # the paper net's input, small-lab's, a middle layer
 def test_cudnn_fuses_convolution_and_relu(monkeypatch, dtype: torch.dtype, planes: int) -> None:
