@@ -22,6 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+import model.segmenter as segmenter_module
 from model.inference_net import fold_for_inference
 from model.segmenter import Segmenter
 from model.unet import PRESETS, build_unet, count_gflops, gflops_per_tile
@@ -135,10 +136,19 @@ def main() -> None:
         default=None,
         help="tiles given to each predict call (default: one batch)",
     )
+    parser.add_argument(
+        "--pinned-max-tiles",
+        type=int,
+        default=None,
+        help="page-lock predict's results up to this many tiles a call (default: "
+        "model.segmenter.PINNED_MAX_BYTES, 64 tiles); above it they go to ordinary memory",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile on CUDA")
     parser.add_argument("--no-cpu", action="store_true")
     args = parser.parse_args()
 
+    if args.pinned_max_tiles is not None:
+        segmenter_module.PINNED_MAX_BYTES = args.pinned_max_tiles * 3 * TILE * TILE * 4
     # One static graph per batch size, as a scan with a fixed batch size runs; without this the
     # second size compiles a dynamic-shape graph that the later sizes share.
     torch._dynamo.config.automatic_dynamic_shapes = False
