@@ -77,7 +77,8 @@ def cross_validate(
     indices = subset_by_sample(dataset, subset, base.seed) if subset else list(range(len(dataset)))
     samples = [dataset.samples[i] for i in indices]
     splits = kfold_by_sample(samples, k=folds, seed=base.seed)
-    pairs = preload(dataset, indices, split_other=base.split_other)
+    level = base.illumination == "plane"
+    pairs = preload(dataset, indices, split_other=base.split_other, level=level)
     other_outputs = dataset.config.other_outputs if base.split_other else 1
     results = []
     for augment, loss in itertools.product(augments, losses):
@@ -86,10 +87,12 @@ def cross_validate(
         for k, (train_idx, val_idx) in enumerate(splits):
             cfg = base.model_copy(update={"augment": augment, "loss": loss})
             model, _, _ = train([pairs[i] for i in train_idx], cfg, other_outputs=other_outputs)
-            # Read as trained: training mirrors no image, so neither does scoring.
+            # Read as trained: mirrored where training mirrored (TrainConfig.substrate).
             device = str(next(model.parameters()).device)
-            segmenter = Segmenter(model, device=device, batch_size=batch_size, substrate="oxide")
-            scores = evaluate(segmenter, dataset, [indices[i] for i in val_idx])
+            segmenter = Segmenter(
+                model, device=device, batch_size=batch_size, substrate=cfg.substrate
+            )
+            scores = evaluate(segmenter, dataset, [indices[i] for i in val_idx], level=level)
             result.folds.append(scores)
             log.info(
                 "cv.fold",

@@ -184,16 +184,32 @@ def read_mask(sample: Sample, lut: np.ndarray) -> np.ndarray:
 
 
 def preload(
-    dataset: Dataset, indices: Sequence[int] | None = None, *, split_other: bool = False
+    dataset: Dataset,
+    indices: Sequence[int] | None = None,
+    *,
+    split_other: bool = False,
+    level: bool = False,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Every (image, mask) pair in memory: the real set is ~110 images, ~170 MB decoded.
 
     ``split_other``: masks hold training targets with `other` split by raw value
     (``DatasetConfig.label_lut``), for a net with ``other_outputs`` > 1.
+    ``level``: each image levelled by a plane through its substrate (`level_image`; left as
+    it is where none can be fitted), as `evaluate` levels them for a net trained so.
     """
     chosen = range(len(dataset)) if indices is None else indices
     lut = dataset.config.label_lut(split_other=split_other)
-    return [dataset.read_pair(dataset.samples[i], lut) for i in chosen]
+    pairs = [dataset.read_pair(dataset.samples[i], lut) for i in chosen]
+    if level:
+        pairs = [(_levelled(image), mask) for image, mask in pairs]
+    return pairs
+
+
+def _levelled(image: np.ndarray) -> np.ndarray:
+    from .illumination import level_image  # torch: only where levelling is asked for
+
+    levelled = level_image(image)
+    return image if levelled is None else levelled
 
 
 def kfold_by_sample(

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .data import Dataset
-from .illumination import level_illumination
+from .illumination import level_image
 from .metrics import ScoreAccumulator, Scores, plot_curves
 from .segmenter import Segmenter
 
@@ -62,9 +62,14 @@ def evaluate(
 
 def levels_by_default(segmenter: Segmenter) -> bool:
     """Whether single images are levelled unless told otherwise: for nets read with `hue`
-    (trained on synthetic tiles, read against one reference), not for nets that learnt a
-    lab's own images as they are."""
-    return segmenter.config.input_contrast and segmenter.reference == "hue"
+    (trained on synthetic tiles, read against one reference) and nets trained on levelled
+    images (``TrainConfig.illumination``), not for nets that learnt a lab's own images as
+    they are."""
+    if not segmenter.config.input_contrast:
+        return False
+    meta = segmenter.checkpoint
+    trained = (meta.training.get("config") or {}).get("illumination") if meta else None
+    return trained == "plane" or segmenter.reference == "hue"
 
 
 def read_image(
@@ -77,11 +82,11 @@ def read_image(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and labels for one H×W×3 uint8 micrograph.
 
-    ``level``: first divide out a plane through its substrate (`level_illumination`), for
-    nets that read optical contrast. ``reading``: where to note, under ``stem``, what was done.
+    ``level``: first divide out a plane through its substrate (`level_image`), for nets that
+    read optical contrast. ``reading``: where to note, under ``stem``, what was done.
     """
     if level:
-        levelled = level_illumination(image, segmenter.references(image))
+        levelled = level_image(image)
         if levelled is not None:
             image = levelled
             if reading is not None:

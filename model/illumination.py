@@ -6,11 +6,17 @@ median tilt is 9 % corner to corner, 19 % at the 90th percentile): against one r
 the darker side's bare substrate then reads as monolayer, whose red contrast is ~10 %. The
 substrate is found from the image's own contrast reference: the pixels within
 LEVEL_TOLERANCE of it in every channel, then of the plane fitted to them, for LEVEL_ROUNDS.
+
+`level_image` is the one rule training, cross-validation and `flakescan evaluate` level by, so a
+net trained on levelled images is scored on images levelled the same way.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from .unet.reference import substrate_reference
 
 #: a pixel within 3 % of the substrate's colour in every channel is substrate: under half a
 #: monolayer's red contrast, and within what a tilt changes over a few tens of pixels
@@ -25,6 +31,28 @@ LEVEL_MIN_SHARE = 0.05
 #: 5th to its 95th percentile (an even strip: ~55 % of the image), or the plane would be
 #: extrapolated over the rest: left as it is
 LEVEL_MIN_SPAN = 0.5
+
+
+def substrate_colour(image: np.ndarray) -> np.ndarray:
+    """An H×W×C uint8 image's substrate colour in 0..1, where the levelling starts: what the
+    shipped model reads it against (the `hue` reference; for RGB, the dark substrate where
+    `auto` finds a transparent one)."""
+    if image.ndim != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an H×W×C uint8 image, got {image.dtype} {image.shape}")
+    # The Segmenter's own conversion (x * (1/255) in float32), so the colour is its to the bit.
+    x = (
+        torch.tensor(image).permute(2, 0, 1)[None].float().mul_(1 / 255)
+    )  # a copy: PIL's are read-only
+    substrate = "auto" if image.shape[2] == 3 else "oxide"
+    with torch.inference_mode():
+        colours, _ = substrate_reference(x, "hue", substrate)
+    return colours.flatten().numpy()
+
+
+def level_image(image: np.ndarray) -> np.ndarray | None:
+    """``image`` levelled by a plane through its substrate (`level_illumination`, starting
+    from `substrate_colour`); None where too little substrate is found to fit one."""
+    return level_illumination(image, substrate_colour(image))
 
 
 def level_illumination(image: np.ndarray, reference: np.ndarray) -> np.ndarray | None:

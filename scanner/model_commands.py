@@ -14,12 +14,26 @@ from .console import console, fail
 
 if TYPE_CHECKING:  # torch loads only when a model command runs
     from model.train import TrainConfig
+    from model.unet import UNetConfig
 
 
 SPLIT_OTHER = typer.Option(
     "--split-other/--no-split-other",
     help="Learn each raw mask value mapped to `other` (substrate, thick flakes) as an output of "
     "its own, summed back at inference (default: off; README, cross-validated results).",
+)
+
+TRAIN_ILLUMINATION = typer.Option(
+    "--illumination",
+    help="plane: level every image by a plane through its substrate before training, and "
+    "score it levelled (model/illumination.py); none: as they are (the recipe's default).",
+)
+
+TRAIN_SUBSTRATE = typer.Option(
+    "--substrate",
+    help="auto: train (and score) each image `auto` finds on a transparent substrate read "
+    "mirrored onto the oxide's contrast, as the Segmenter reads it; oxide: every image as it is "
+    "(default: the recipe's; auto for lab and lab-gpu).",
 )
 
 
@@ -54,6 +68,21 @@ def _train_config(recipe: str, **overrides: object) -> TrainConfig:
         return TrainConfig.model_validate({**RECIPES[recipe].model_dump(), **given})
     except ValueError as e:
         raise fail(str(e)) from None
+
+
+def _substrate_for(cfg: TrainConfig, net: UNetConfig, given: str | None) -> TrainConfig:
+    """``cfg`` with a substrate rule the net can take: the mirror (`auto`) reads the optical
+    contrast of RGB images, so a recipe's `auto` falls back to `oxide` for other nets; asked
+    for by name, it is refused."""
+    if cfg.substrate == "oxide" or (net.input_contrast and net.in_channels == 3):
+        return cfg
+    if given is not None:
+        raise fail(
+            f"--substrate {given} reads the optical contrast of RGB images; this net takes "
+            "raw pixels: use --substrate oxide"
+        )
+    console.print("this net takes raw pixels: no image is trained mirrored (substrate oxide)")
+    return cfg.model_copy(update={"substrate": "oxide"})
 
 
 #: GFLOP a 512² tile above which training on a CPU takes hours (lab-wide 110, paper 437;
@@ -106,6 +135,8 @@ def train(
     init: Annotated[Path | None, typer.Option(help="Checkpoint to fine-tune from.")] = None,
     val: Annotated[Path | None, typer.Option(help="Dataset folder scored every epoch.")] = None,
     split_other: Annotated[bool | None, SPLIT_OTHER] = None,
+    illumination: Annotated[str | None, TRAIN_ILLUMINATION] = None,
+    substrate: Annotated[str | None, TRAIN_SUBSTRATE] = None,
 ) -> None:
     """Train the U-Net on dataset folders and write a checkpoint with its config."""
     from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -129,6 +160,8 @@ def train(
         seed=seed,
         device=device,
         split_other=split_other,
+        illumination=illumination,
+        substrate=substrate,
     )
     if out.exists():
         raise fail(f"{out} exists; choose a new checkpoint path (nothing is overwritten)")
@@ -140,7 +173,9 @@ def train(
         except CheckpointError as e:
             raise fail(str(e)) from None
         # Fine-tuning keeps the checkpoint's net, whatever the recipe's preset; say which.
-        base_net = model.config.model_copy(update={"other_outputs": 1})
+        # What training learnt about the data (outputs for `other`, the oxide's colour) is not
+        # part of which net it is.
+        base_net = model.config.model_copy(update={"other_outputs": 1, "oxide_colour": None})
         net = next((name for name, c in PRESETS.items() if c == base_net), "from --init")
         if preset is not None and preset != net:
             raise fail(
@@ -166,13 +201,17 @@ def train(
                 f"fine-tuning against the `{READ_AS[trained]}` contrast reference, which the net "
                 f"(trained with `{trained}`) is read with"
             )
+    net_config = model.config if model is not None else PRESETS.get(cfg.preset)
+    if net_config is not None:  # an unknown preset is refused by training itself
+        cfg = _substrate_for(cfg, net_config, substrate)
     _warn_if_slow_on_cpu(cfg)
     other_values = None
     if cfg.split_other:
         other_values = _same_other_values(datasets, init, init_values)
         # Data with one raw value for `other` has nothing to split: record what was done.
         cfg = cfg.model_copy(update={"split_other": len(other_values) > 1})
-    pairs = [p for ds in datasets for p in preload(ds, split_other=cfg.split_other)]
+    level = cfg.illumination == "plane"
+    pairs = [p for ds in datasets for p in preload(ds, split_other=cfg.split_other, level=level)]
     other_outputs = len(other_values) if cfg.split_other and other_values else 1
     if model is not None and other_outputs > 1 and other_outputs != model.config.other_outputs:
         raise fail(
@@ -182,8 +221,8 @@ def train(
     val_set = _load(val) if val else None
 
     def validate(m):
-        # as the net trains: no image is mirrored in training (Segmenter.substrate)
-        scores = evaluate(Segmenter(m, batch_size=1, substrate="oxide"), val_set)
+        # read as the net trains: mirrored only where training mirrors (TrainConfig.substrate)
+        scores = evaluate(Segmenter(m, batch_size=1, substrate=cfg.substrate), val_set, level=level)
         return {
             "val_mpa": round(scores.mean_pixel_accuracy, 4),
             "val_region": round(scores.regions.accuracy, 4),
@@ -383,6 +422,8 @@ def cv(
     seed: Annotated[int, typer.Option()] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
     split_other: Annotated[bool | None, SPLIT_OTHER] = None,
+    illumination: Annotated[str | None, TRAIN_ILLUMINATION] = None,
+    substrate: Annotated[str | None, TRAIN_SUBSTRATE] = None,
 ) -> None:
     """k-fold cross-validation split by sample; --table1 runs the paper's grid."""
     from model.cv import TABLE1_AUGMENTS, TABLE1_LOSSES, cross_validate
@@ -394,7 +435,13 @@ def cv(
         lr_schedule=lr_schedule,
         seed=seed,
         split_other=split_other,
+        illumination=illumination,
+        substrate=substrate,
     )
+    from model.unet import PRESETS
+
+    if base.preset in PRESETS:
+        base = _substrate_for(base, PRESETS[base.preset], substrate)
     augments = TABLE1_AUGMENTS if table1 else tuple(augment or (base.augment,))
     losses = TABLE1_LOSSES if table1 else tuple(loss or (base.loss,))
     dataset = _load(data)

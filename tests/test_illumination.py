@@ -138,3 +138,70 @@ def test_evaluate_levels_images_for_nets_read_with_hue_unless_told_not_to(tmp_pa
     assert result.exit_code != 0 and "this net has none" in " ".join(result.output.split())
     result = run("bright", "--illumination", "tilt")
     assert result.exit_code != 0 and "choose plane or none" in " ".join(result.output.split())
+
+
+def _tilted_folder(root, count: int = 2):
+    import yaml
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(count):
+        image, flake = _tilted(0.16, seed=i)
+        Image.fromarray(image).save(root / "images" / f"tilt-{i}_1.png")
+        Image.fromarray(flake.astype(np.uint8)).save(root / "masks" / f"tilt-{i}_1.png")
+    (root / "dataset.yaml").write_text(
+        yaml.safe_dump({"image_glob": "images/*.png", "label_values": {0: "other", 1: "monolayer"}})
+    )
+    return root
+
+
+def test_training_data_is_levelled_as_evaluate_levels_it(tmp_path) -> None:
+    from model.data import load_dataset, preload
+    from model.illumination import level_image
+
+    dataset = load_dataset(_tilted_folder(tmp_path / "ds"))
+    (raw, mask), (levelled, same_mask) = preload(dataset, [0]) + preload(dataset, [0], level=True)
+    np.testing.assert_array_equal(mask, same_mask)
+    np.testing.assert_array_equal(levelled, level_image(raw))
+    oxide = ~mask.astype(bool)
+    # the red of the bare oxide, left third against right third: 16 % apart, then even
+    left, right = slice(0, 40), slice(88, 128)
+
+    def sides(image: np.ndarray) -> float:
+        red = image[..., 0].astype(float)
+        return red[:, left][oxide[:, left]].mean() / red[:, right][oxide[:, right]].mean()
+
+    assert sides(raw) > 1.10 and abs(sides(levelled) - 1) < 0.02, (sides(raw), sides(levelled))
+
+
+def test_a_net_trained_levelled_is_scored_levelled_and_bad_options_are_named(tmp_path) -> None:
+    """`train --illumination plane` records it; `evaluate` then levels by default. A recipe's
+    mirror falls back for a raw-pixel net; asked for by name, it is refused."""
+    import torch
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    root = _tilted_folder(tmp_path / "ds")
+    runner = CliRunner()
+    short = ["--epochs", "1", "--samples-per-epoch", "2", "--crop", "32", "--augment", "none"]
+    ckpt = tmp_path / "lab.pt"
+    base = ["train", "--data", str(root), "--recipe", "lab", *short]
+    result = runner.invoke(app, [*base, "--out", str(ckpt), "--illumination", "plane"])
+    assert result.exit_code == 0, result.output
+    training = torch.load(ckpt, weights_only=True)["meta"]["training"]["config"]
+    assert training["illumination"] == "plane" and training["substrate"] == "auto"
+    scored = runner.invoke(app, ["evaluate", "--data", str(root), "--checkpoint", str(ckpt)])
+    assert scored.exit_code == 0 and "levelled 2 of 2 image(s)" in scored.output, scored.output
+
+    raw = tmp_path / "raw.pt"
+    result = runner.invoke(app, [*base, "--out", str(raw), "--preset", "tiny"])
+    assert result.exit_code == 0 and "no image is trained mirrored" in result.output
+    assert torch.load(raw, weights_only=True)["meta"]["training"]["config"]["substrate"] == "oxide"
+    refused = tmp_path / "refused.pt"
+    args = [*base, "--out", str(refused), "--preset", "tiny", "--substrate", "auto"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--substrate auto" in result.output and not refused.exists()
+    result = runner.invoke(app, [*base, "--out", str(refused), "--illumination", "tilt"])
+    assert result.exit_code == 2 and "illumination" in result.output and not refused.exists()

@@ -219,3 +219,81 @@ def test_evaluate_reports_the_images_read_as_transparent(tmp_path) -> None:
     assert result.exit_code == 0 and "transparent substrate" not in result.output
     result = CliRunner().invoke(app, [*args, "--substrate", "glass"])
     assert result.exit_code != 0 and "'glass' is not a substrate" in result.output
+
+
+def _pairs_with_one_quartz_image(size: int = 40) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Three oxide images with a darker film over their top 30 % and one quartz image with a
+    brighter film over 70 %, as uint8 training pairs (film labelled monolayer)."""
+    pairs = []
+    for substrate, film, rows in [(OXIDE, FILM_ON_OXIDE, 12)] * 3 + [(QUARTZ, FILM_ON_QUARTZ, 28)]:
+        x = _field(substrate, film, rows, size)[0]
+        mask = np.zeros((size, size), np.uint8)
+        mask[:rows] = 1
+        pairs.append(((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), mask))
+    return pairs
+
+
+def _lab_net() -> torch.nn.Module:
+    return build_unet(
+        UNetConfig(
+            width=4, depth=2, input_contrast=True, input_raw=True, contrast_reference="median"
+        )
+    )
+
+
+@pytest.mark.parametrize("substrate", ["oxide", "auto"])
+def test_training_with_auto_mirrors_the_quartz_images_crops_only(substrate) -> None:
+    """`TrainConfig.substrate` auto: crops of the image `auto` finds on quartz reach the net
+    with mirrored contrast factors, the oxide images' crops with their own reading; the net
+    records the oxide's colour for the raw planes. `oxide` mirrors nothing."""
+    from model.train import TrainConfig, train
+
+    pairs = _pairs_with_one_quartz_image()
+    calls: list[tuple] = []
+    model = _lab_net()
+    model.register_forward_pre_hook(lambda _m, args: calls.append(args[1:]))
+    cfg = TrainConfig(
+        preset="tiny", epochs=2, samples_per_epoch=16, crop=32, batch_size=4, augment="none",
+        device="cpu", substrate=substrate,
+    )  # fmt: skip
+    trained, _, _ = train(pairs, cfg, model=model)
+    mirrored = sum(int((extra[1][:, 0, 0, 0] < 0).sum()) for extra in calls if extra)
+    if substrate == "oxide":
+        assert not any(calls) and trained.config.oxide_colour is None
+        return
+    # a quarter of 32 crops come from the quartz image: some, not all, are mirrored
+    assert 2 <= mirrored <= 16
+    # the oxide images' median colour (70 % of each is oxide)
+    np.testing.assert_allclose(trained.config.oxide_colour, OXIDE, atol=0.01)
+
+
+def test_a_mirrored_image_shows_the_net_the_oxide_under_its_contrast() -> None:
+    """Raw planes of an image read mirrored: the oxide colour times 1 + its mirrored contrast,
+    not the image's own dark colours; images read as they are keep theirs."""
+    net = _lab_net()
+    net.config = net.config.model_copy(update={"oxide_colour": OXIDE})
+    seen: list[torch.Tensor] = []
+    net.encoder[0][0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    x = torch.cat([_field(QUARTZ, FILM_ON_QUARTZ, 28), _field(OXIDE, FILM_ON_OXIDE, 12)])
+    ref, scale = substrate_reference(x, "median", "auto")
+    assert scale is not None and scale[0, 0] < 0 < scale[1, 0]  # only the first is mirrored
+    net(x, ref, scale)
+    contrast, raw = seen[0][:, :3], seen[0][:, 3:] / 2 + 0.5
+    oxide = torch.tensor(OXIDE).view(3, 1, 1)
+    torch.testing.assert_close(raw[0], (oxide * (1 + contrast[0] / 10)).clamp(0, 1))
+    torch.testing.assert_close(raw[1], x[1])
+    # the quartz image's bare substrate looks like bare oxide, its film darker in red
+    assert abs(float(raw[0, 0, -1].mean()) - OXIDE[0]) < 0.01
+    assert float(raw[0, 0, 0].mean()) < OXIDE[0] - 0.05
+
+
+def test_a_net_trained_mirrored_is_read_with_auto(tmp_path) -> None:
+    from model.checkpoint import save_checkpoint
+
+    net = _lab_net()
+    for substrate, read in (("auto", "auto"), ("oxide", "oxide"), (None, "oxide")):
+        path = tmp_path / f"{substrate}.pt"
+        config = {} if substrate is None else {"substrate": substrate}
+        save_checkpoint(path, net, net.config, training={"config": config})
+        assert Segmenter.from_checkpoint(path).substrate == read
+        assert Segmenter.from_checkpoint(path, substrate="oxide").substrate == "oxide"

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .reference import (  # noqa: F401  (optical_contrast: part of this module's API)
+    CONTRAST_GAIN,
     ContrastReference,
     contrast_against,
     optical_contrast,
@@ -56,6 +57,13 @@ class UNetConfig(BaseModel):
         False,
         description="also feed the raw pixels (centred) beside the contrast (needs "
         "input_contrast): one lab's own camera and oxide make absolute colour worth learning",
+    )
+    oxide_colour: list[float] | None = Field(
+        None,
+        description="with input_raw: the raw colour of a typical substrate in training (its "
+        "contrast reference, median over the oxide images); an image read mirrored (a "
+        "transparent substrate) shows the net its raw planes as that oxide would look under its "
+        "mirrored contrast, not its own dark colours (TrainConfig.substrate)",
     )
 
     other_outputs: int = Field(
@@ -222,7 +230,11 @@ class UNet(nn.Module):
             contrast = contrast_against(x, reference, scale)
             # The median reference fails where a flake fills most of the field; the raw
             # colour then still tells substrate from monolayer under one lab's lighting.
-            x = torch.cat([contrast, (x - 0.5) * 2], 1) if self.config.input_raw else contrast
+            if self.config.input_raw:
+                raw = self._raw_as_on_oxide(x, contrast, scale)
+                x = torch.cat([contrast, (raw - 0.5) * 2], 1)
+            else:
+                x = contrast
         skips = []
         for block in self.encoder:
             x = block(x)
@@ -231,6 +243,18 @@ class UNet(nn.Module):
         for block in self.decoder:
             x = block(x, skips.pop())
         return self.head(x)
+
+    def _raw_as_on_oxide(
+        self, x: torch.Tensor, contrast: torch.Tensor, scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The raw planes: ``x``, but for images read mirrored (a negative red factor in
+        ``scale``), the oxide colour under their mirrored contrast, where the net knows one."""
+        oxide = self.config.oxide_colour
+        if scale is None or oxide is None:
+            return x
+        colour = torch.tensor(oxide, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        rendered = (colour * (1 + contrast / CONTRAST_GAIN)).clamp(0, 1)
+        return torch.where(scale[:, :1] < 0, rendered, x)
 
 
 def check_input_size(config: UNetConfig, height: int, width: int) -> None:
