@@ -15,9 +15,8 @@ import numpy as np
 import structlog
 
 from .data import Dataset, kfold_by_sample, preload
-from .evaluate import evaluate
+from .evaluate import evaluate, reading_for
 from .metrics import Scores
-from .segmenter import Segmenter
 from .train import TrainConfig, train
 
 log = structlog.get_logger("flakescan.cv")
@@ -87,12 +86,8 @@ def cross_validate(
         for k, (train_idx, val_idx) in enumerate(splits):
             cfg = base.model_copy(update={"augment": augment, "loss": loss})
             model, _, _ = train([pairs[i] for i in train_idx], cfg, other_outputs=other_outputs)
-            # Read as trained: mirrored where training mirrored (TrainConfig.substrate).
-            device = str(next(model.parameters()).device)
-            segmenter = Segmenter(
-                model, device=device, batch_size=batch_size, substrate=cfg.substrate
-            )
-            scores = evaluate(segmenter, dataset, [indices[i] for i in val_idx], level=level)
+            segmenter, read_level = reading_for(model, cfg, batch_size=batch_size)
+            scores = evaluate(segmenter, dataset, [indices[i] for i in val_idx], level=read_level)
             result.folds.append(scores)
             log.info(
                 "cv.fold",

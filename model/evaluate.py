@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -16,7 +17,11 @@ from PIL import Image
 from .data import Dataset
 from .illumination import level_image
 from .metrics import ScoreAccumulator, Scores, plot_curves
-from .segmenter import Segmenter
+from .segmenter import Segmenter, substrate_read_as
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+    from .unet import UNet
 
 
 @dataclass
@@ -60,16 +65,26 @@ def evaluate(
     return acc.scores()
 
 
-def levels_by_default(segmenter: Segmenter) -> bool:
-    """Whether single images are levelled unless told otherwise: for nets read with `hue`
-    (trained on synthetic tiles, read against one reference) and nets trained on levelled
-    images (``TrainConfig.illumination``), not for nets that learnt a lab's own images as
-    they are."""
-    if not segmenter.config.input_contrast:
-        return False
+def levels_by_default(segmenter: Segmenter, illumination: str | None = None) -> bool:
+    """Whether single images are levelled unless told otherwise: for nets trained on levelled
+    images (``illumination``, the training's; None: the checkpoint's) and nets read with
+    `hue` (trained on synthetic tiles, read against one reference), not for nets that learnt
+    a lab's own images as they are."""
     meta = segmenter.checkpoint
-    trained = (meta.training.get("config") or {}).get("illumination") if meta else None
-    return trained == "plane" or segmenter.reference == "hue"
+    if illumination is None and meta is not None:
+        illumination = (meta.training.get("config") or {}).get("illumination")
+    hue = segmenter.config.input_contrast and segmenter.reference == "hue"
+    return illumination == "plane" or hue
+
+
+def reading_for(model: UNet, config: TrainConfig, **kwargs: Any) -> tuple[Segmenter, bool]:
+    """A Segmenter for a net just trained by ``config``, and whether to level images for it:
+    read as `flakescan evaluate` and scans will read its checkpoint (mirrored where trained
+    so, `hue` nets with `auto`; levelled where trained so, and `hue` nets), so that
+    cross-validation and training's validation score what a lab will get."""
+    kwargs.setdefault("device", str(next(model.parameters()).device))
+    segmenter = Segmenter(model, substrate=substrate_read_as(config.substrate), **kwargs)
+    return segmenter, levels_by_default(segmenter, config.illumination)
 
 
 def read_image(

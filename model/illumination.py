@@ -59,7 +59,7 @@ def level_illumination(image: np.ndarray, reference: np.ndarray) -> np.ndarray |
     """``image`` (H×W×3 uint8) divided by a plane through its substrate (per channel, in log
     intensity), at the substrate's median level; None where too little substrate is found.
 
-    ``reference``: the substrate's colour in 0..1 (`Segmenter.references`), where the search
+    ``reference``: the substrate's colour in 0..1 (`substrate_colour`), where the search
     starts.
     """
     if image.ndim != 3 or image.dtype != np.uint8:

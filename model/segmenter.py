@@ -28,6 +28,7 @@ from model.unet.reference import (
     ContrastReference,
     Substrate,
     contrast_scale,
+    mirrored_references,
     substrate_reference,
 )
 
@@ -68,13 +69,14 @@ class Segmenter:
     it stays off there.
     ``substrate``: what the flakes lie on (`substrate_reference`): `oxide`, `transparent`
     (quartz, sapphire: layers brighter than the substrate, read mirrored onto the oxide's
-    contrast), or `auto`, decided per image. None: `auto` for nets read with `hue` that take
-    only the optical contrast of RGB images (such as the shipped model, trained on synthetic
-    oxide: on the real set 0.715 → 0.795 mean per-class accuracy, the dark-background images
-    read), `oxide` for the others; `from_checkpoint` reads a net trained mirrored
-    (``TrainConfig.substrate`` `auto`, the `lab` recipes) with `auto`. A net trained without
-    the mirror on a lab's own images of a transparent substrate is read as it learnt them, with
-    `oxide` (as cross-validation and training's validation read theirs).
+    contrast), or `auto`, decided per image (for an image larger than the window, on the whole
+    image: each window then finds its own colours, mirrored or not as the image is). None:
+    `auto` for nets read with `hue` that take only the optical contrast of RGB images (such as
+    the shipped model, trained on synthetic oxide: on the real set 0.715 → 0.795 mean
+    per-class accuracy, the dark-background images read), `oxide` for the others;
+    `from_checkpoint` reads a net trained mirrored (``TrainConfig.substrate`` `auto`, the `lab`
+    recipes) with `auto` (`substrate_read_as`), and cross-validation and training's validation
+    read their nets as it would (`model.evaluate.reading_for`).
     ``amp`` (autocast) defaults to on for CUDA — bf16 where supported, else fp16 — and is refused
     on the CPU, where it would change results for little gain.
     """
@@ -194,8 +196,9 @@ class Segmenter:
         for an unweighted loss), so probabilities and labels are the plain posterior.
         """
         model, meta = load_checkpoint(path, device=kwargs.get("device", "cpu"))
-        if kwargs.get("substrate") is None and trained_substrate(meta) == "auto":
-            kwargs["substrate"] = "auto"  # read as it trained: mirrored where auto finds quartz
+        if kwargs.get("substrate") is None:  # read as it trained
+            trained = (meta.training.get("config") or {}).get("substrate", "oxide")
+            kwargs["substrate"] = substrate_read_as(str(trained))
         if plain_posterior:
             kwargs.setdefault("class_weights", meta.training.get("class_weights"))
         unknown = set(meta.normalisation) - {"scale"}
@@ -256,16 +259,23 @@ class Segmenter:
         refs = given
         if refs is None and not whole and self.image_reference:
             refs = self._references(images)
+        mirrored = None
+        if refs is None and not whole and self.substrate == "auto":
+            # Each window finds its own colours, but whether it is read mirrored is decided
+            # on the whole image, as training decides it: a window of a quartz image that is
+            # mostly bare substrate cannot tell on its own.
+            mirrored = self.substrate_references(images)[1]
         if len(windows) == 1 and self.device.type == "cuda":
-            self._pipelined(padded, refs, probs, labels)  # crops back to each image's size
+            self._pipelined(padded, refs, probs, labels, mirrored)  # crops to each image's size
         elif len(windows) == 1:
             for b in range(0, n, self.batch_size):
-                ref = _pick(refs, slice(b, b + self.batch_size))
-                p = self._infer(padded[b : b + self.batch_size], ref)[:, :, :height, :width]
+                part = slice(b, b + self.batch_size)
+                p = self._infer(padded[part], _pick(refs, part), _part(mirrored, part))
+                p = p[:, :, :height, :width]
                 torch.from_numpy(probs[b : b + len(p)]).copy_(p)
                 torch.from_numpy(labels[b : b + len(p)]).copy_(_argmax(p, dim=1))
         else:
-            self._blend(padded, windows, probs, labels, refs)
+            self._blend(padded, windows, probs, labels, refs, mirrored)
         return (probs[0], labels[0]) if single else (probs, labels)
 
     def _pipelined(
@@ -274,6 +284,7 @@ class Segmenter:
         refs: References | None,
         probs: np.ndarray,
         labels: np.ndarray,
+        mirrored: np.ndarray | None = None,
     ) -> None:
         """Window-sized tiles on CUDA, batch by batch, with each batch's upload and its
         results' copy back overlapping the network's work on its neighbours.
@@ -291,30 +302,34 @@ class Segmenter:
         ]
         staged: list[torch.cuda.Event | None] = [None, None]
         returned: list[torch.cuda.Event] = []
-        for k, b in enumerate(range(0, len(tiles), bs)):
-            chunk = tiles[b : b + bs]
-            buffer = staging[k % 2][: len(chunk)]
-            if staged[k % 2] is not None:
-                staged[k % 2].synchronize()  # its last upload has left the buffer
-            buffer.numpy()[...] = chunk
-            with torch.cuda.stream(upload):
-                x = buffer.to(device, non_blocking=True)
-                staged[k % 2] = upload.record_event()
-            compute.wait_stream(upload)
-            x.record_stream(compute)
-            p = self._infer_input(self._scaled(x), _pick(refs, slice(b, b + bs)))
-            p = p[:, :, : labels.shape[1], : labels.shape[2]]  # a padded image's own part
-            label = _argmax(p, dim=1)
-            download.wait_stream(compute)
-            with torch.cuda.stream(download):
-                p.record_stream(download)
-                label.record_stream(download)
-                torch.from_numpy(probs[b : b + len(chunk)]).copy_(p, non_blocking=True)
-                torch.from_numpy(labels[b : b + len(chunk)]).copy_(label, non_blocking=True)
-                returned.append(download.record_event())
-            if len(returned) >= IN_FLIGHT:
-                returned.pop(0).synchronize()
-        download.synchronize()
+        try:
+            for k, b in enumerate(range(0, len(tiles), bs)):
+                chunk, part = tiles[b : b + bs], slice(b, b + bs)
+                buffer = staging[k % 2][: len(chunk)]
+                if staged[k % 2] is not None:
+                    staged[k % 2].synchronize()  # its last upload has left the buffer
+                buffer.numpy()[...] = chunk
+                with torch.cuda.stream(upload):
+                    x = buffer.to(device, non_blocking=True)
+                    staged[k % 2] = upload.record_event()
+                compute.wait_stream(upload)
+                x.record_stream(compute)
+                x = self._scaled(x)
+                p = self._infer_input(x, _pick(refs, part), _part(mirrored, part))
+                p = p[:, :, : labels.shape[1], : labels.shape[2]]  # a padded image's own part
+                label = _argmax(p, dim=1)
+                download.wait_stream(compute)
+                with torch.cuda.stream(download):
+                    p.record_stream(download)
+                    label.record_stream(download)
+                    torch.from_numpy(probs[b : b + len(chunk)]).copy_(p, non_blocking=True)
+                    torch.from_numpy(labels[b : b + len(chunk)]).copy_(label, non_blocking=True)
+                    returned.append(download.record_event())
+                if len(returned) >= IN_FLIGHT:
+                    returned.pop(0).synchronize()
+        finally:
+            # Also on an error: no copy may still be writing into memory handed back.
+            download.synchronize()
 
     def references(self, tiles: np.ndarray) -> np.ndarray:
         """N×C float32 (C for one image): each image's own contrast reference, by this
@@ -407,6 +422,7 @@ class Segmenter:
         probs: np.ndarray,
         labels: np.ndarray,
         refs: References | None,
+        mirrored: np.ndarray | None = None,
     ) -> None:
         win = self.window
         weight_sum = torch.zeros(padded.shape[1:3], device=self.device)
@@ -418,7 +434,8 @@ class Segmenter:
         for b in range(0, len(jobs), self.batch_size):
             chunk = jobs[b : b + self.batch_size]
             crops = np.stack([padded[i, y : y + win, x : x + win] for i, y, x, _ in chunk])
-            p = self._infer(crops, _pick(refs, [i for i, *_ in chunk]))
+            images = [i for i, *_ in chunk]
+            p = self._infer(crops, _pick(refs, images), _part(mirrored, images))
             for k, (i, y, x, w) in enumerate(chunk):
                 if i != current:
                     if current >= 0:
@@ -434,14 +451,25 @@ class Segmenter:
         torch.from_numpy(probs[i]).copy_(p)
         torch.from_numpy(labels[i]).copy_(_argmax(p, dim=0))
 
-    def _infer(self, crops: np.ndarray, refs: References | None = None) -> torch.Tensor:
+    def _infer(
+        self,
+        crops: np.ndarray,
+        refs: References | None = None,
+        mirrored: np.ndarray | None = None,
+    ) -> torch.Tensor:
         """B×win×win×3 uint8 -> B×classes×win×win float32 probabilities on the device;
-        ``refs``: the contrast references of the images they come from (None: their own)."""
-        return self._infer_input(self._to_input(crops), refs)
+        ``refs``: the contrast references of the images they come from (None: their own);
+        ``mirrored``: without ``refs``, which crops come from images decided transparent."""
+        return self._infer_input(self._to_input(crops), refs, mirrored)
 
-    def _infer_input(self, x: torch.Tensor, refs: References | None) -> torch.Tensor:
+    def _infer_input(
+        self, x: torch.Tensor, refs: References | None, mirrored: np.ndarray | None = None
+    ) -> torch.Tensor:
         """`_infer` for an input already on the device, in the net's range."""
-        if refs is None and (self.reference_overridden or self.substrate != "oxide"):
+        if refs is None and mirrored is not None:
+            flags = torch.from_numpy(np.ascontiguousarray(mirrored)).to(self.device)
+            refs = mirrored_references(x, self.reference, flags)
+        elif refs is None and (self.reference_overridden or self.substrate != "oxide"):
             refs = self._own_references(x)
         colours, scale = (None, None) if refs is None else refs
         p = torch.softmax(self.logits(x, colours, scale).float(), dim=1)
@@ -514,10 +542,11 @@ class Segmenter:
         return (tiles[None] if single else tiles), single
 
 
-def trained_substrate(meta: Checkpoint) -> str:
-    """How a checkpoint's net was trained to read transparent substrates
-    (``TrainConfig.substrate``): `auto`, or `oxide` (also for nets trained before the option)."""
-    return str((meta.training.get("config") or {}).get("substrate", "oxide"))
+def substrate_read_as(trained: str) -> Substrate | None:
+    """The Segmenter's ``substrate`` for a net trained with ``TrainConfig.substrate``
+    ``trained``: `auto` for a net trained mirrored; else None, the Segmenter's own default
+    (`auto` for `hue` nets of RGB contrast, which read quartz mirrored untrained)."""
+    return "auto" if trained == "auto" else None
 
 
 def _pick(refs: References | None, index: Sequence[int] | slice) -> References | None:
@@ -525,6 +554,10 @@ def _pick(refs: References | None, index: Sequence[int] | slice) -> References |
         return None
     colours, scale = refs
     return colours[index], None if scale is None else scale[index]
+
+
+def _part(mirrored: np.ndarray | None, index: Sequence[int] | slice) -> np.ndarray | None:
+    return None if mirrored is None else mirrored[index]
 
 
 def _pad_to(images: np.ndarray, window: int) -> np.ndarray:

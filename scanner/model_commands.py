@@ -78,10 +78,13 @@ def _substrate_for(cfg: TrainConfig, net: UNetConfig, given: str | None) -> Trai
         return cfg
     if given is not None:
         raise fail(
-            f"--substrate {given} reads the optical contrast of RGB images; this net takes "
-            "raw pixels: use --substrate oxide"
+            f"--substrate {given} reads the optical contrast of RGB images; this net does not "
+            "take it: use --substrate oxide"
         )
-    console.print("this net takes raw pixels: no image is trained mirrored (substrate oxide)")
+    console.print(
+        "this net does not take the optical contrast of RGB images: no image is trained "
+        "mirrored (substrate oxide)"
+    )
     return cfg.model_copy(update={"substrate": "oxide"})
 
 
@@ -141,8 +144,8 @@ def train(
     """Train the U-Net on dataset folders and write a checkpoint with its config."""
     from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from model.data import preload
-    from model.evaluate import evaluate
-    from model.segmenter import READ_AS, Segmenter
+    from model.evaluate import evaluate, reading_for
+    from model.segmenter import READ_AS
     from model.train import train as run_training
     from model.unet import PRESETS
 
@@ -190,6 +193,15 @@ def train(
                 f"fine-tuning keeps that, so leave --split-other/--no-split-other out"
             )
         cfg = cfg.model_copy(update={"preset": net, "split_other": split})
+        # It also keeps how it read its images, unless told otherwise: a net trained mirrored
+        # or levelled and fine-tuned without would be read one way and trained another.
+        init_cfg = init_meta.training.get("config") or {}
+        kept = {
+            key: init_cfg[key]
+            for key, given in (("substrate", substrate), ("illumination", illumination))
+            if given is None and key in init_cfg
+        }
+        cfg = cfg.model_copy(update=kept)
         init_values = init_meta.training.get("other_values")
         # Train against the reference the net will be read with (the Segmenter's READ_AS):
         # fine-tuned on 25 real images, the shipped net scored 0.748 / 0.660 on two splits
@@ -221,8 +233,9 @@ def train(
     val_set = _load(val) if val else None
 
     def validate(m):
-        # read as the net trains: mirrored only where training mirrors (TrainConfig.substrate)
-        scores = evaluate(Segmenter(m, batch_size=1, substrate=cfg.substrate), val_set, level=level)
+        # read as evaluate will read the checkpoint (model/evaluate.py `reading_for`)
+        segmenter, val_level = reading_for(m, cfg, batch_size=1)
+        scores = evaluate(segmenter, val_set, level=val_level)
         return {
             "val_mpa": round(scores.mean_pixel_accuracy, 4),
             "val_region": round(scores.regions.accuracy, 4),
@@ -323,7 +336,7 @@ def evaluate(
         typer.Option(
             help="What the flakes lie on: oxide, transparent (quartz, sapphire: layers brighter "
             "than the substrate) or auto, per image (default: auto for nets read with `hue`, "
-            "such as the shipped one; oxide for others)."
+            "such as the shipped one, and nets trained with --substrate auto; oxide for others)."
         ),
     ] = None,
     illumination: Annotated[
@@ -331,8 +344,8 @@ def evaluate(
         typer.Option(
             help="Level each image's illumination first: plane (a plane through its substrate "
             "divided out, model/illumination.py) or none (default: plane for nets read with "
-            "`hue`, such as the shipped one; none for others, which trained on images as "
-            "they are)."
+            "`hue`, such as the shipped one, and nets trained with --illumination plane; none "
+            "for others, which trained on images as they are)."
         ),
     ] = None,
 ) -> None:
@@ -365,8 +378,6 @@ def evaluate(
         illumination = "plane" if levels_by_default(segmenter) else "none"
     if illumination not in ("plane", "none"):
         raise fail(f"--illumination {illumination!r}: choose plane or none")
-    if illumination == "plane" and not segmenter.config.input_contrast:
-        raise fail("--illumination plane levels against the contrast reference; this net has none")
     reading = Reading()
     with _progress() as bar:
         task = bar.add_task("evaluate", total=len(dataset), status="")

@@ -68,7 +68,8 @@ class ModelConfig(_Strict):
     #: what the flakes lie on: `oxide` (SiO2/Si), `transparent` (quartz, sapphire: the layers
     #: are brighter than the dark substrate and are read mirrored onto the oxide's contrast,
     #: model/unet/reference.py) or `auto`, decided per tile. Unset: the model's own default
-    #: (`auto` for the shipped model, `oxide` for nets that see raw colour). `auto` sees a
+    #: (`auto` for the shipped model and nets trained with `--substrate auto`, the `lab`
+    #: recipes' default; `oxide` for other nets that see raw colour). `auto` sees a
     #: transparent substrate only where films cover half a tile: set `transparent` for such
     #: chips.
     substrate: Literal["auto", "oxide", "transparent"] | None = None

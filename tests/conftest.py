@@ -12,6 +12,23 @@ from drivers.simulated import SimulatedCore, SimulatedRigConfig, create_simulate
 from drivers.unicore import dispose_core
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _loggers_stay_capturable() -> Iterator[None]:
+    """The CLI configures structlog to cache each logger on first use, after which
+    `structlog.testing.capture_logs` no longer sees it: a test that ran a command would hide
+    the logs of every later test. Tests configure it without the cache."""
+    import structlog
+
+    configure = structlog.configure
+
+    def uncached(**kwargs: object) -> None:
+        configure(**{**kwargs, "cache_logger_on_first_use": False})
+
+    structlog.configure = uncached  # type: ignore[assignment]
+    yield
+    structlog.configure = configure
+
+
 def fresh_tiles(out: Path, count: int, seed: int, **kwargs: object) -> Path:
     """A dataset folder of synthetic tiles from configs/simulated.yaml, as `flakescan synth`
     writes them (``kwargs``: `write_synthetic_dataset`'s); pick seeds training never used."""

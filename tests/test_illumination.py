@@ -134,8 +134,8 @@ def test_evaluate_levels_images_for_nets_read_with_hue_unless_told_not_to(tmp_pa
     assert json.loads((tmp_path / "s.json").read_text())["levelled"] == []
     result = run("raw")  # a net of raw pixels is not levelled by default ...
     assert result.exit_code == 0 and "levelled" not in result.output
-    result = run("raw", "--illumination", "plane")  # ... and cannot be
-    assert result.exit_code != 0 and "this net has none" in " ".join(result.output.split())
+    result = run("raw", "--illumination", "plane")  # ... but can be: the rule is the image's
+    assert result.exit_code == 0 and "levelled 2 of 2 image(s)" in result.output, result.output
     result = run("bright", "--illumination", "tilt")
     assert result.exit_code != 0 and "choose plane or none" in " ".join(result.output.split())
 
@@ -195,9 +195,19 @@ def test_a_net_trained_levelled_is_scored_levelled_and_bad_options_are_named(tmp
     scored = runner.invoke(app, ["evaluate", "--data", str(root), "--checkpoint", str(ckpt)])
     assert scored.exit_code == 0 and "levelled 2 of 2 image(s)" in scored.output, scored.output
 
+    # Fine-tuned with the default recipe, it keeps how it read its images.
+    tuned = tmp_path / "tuned.pt"
+    args = ["train", "--data", str(root), "--init", str(ckpt), "--out", str(tuned), *short]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    training = torch.load(tuned, weights_only=True)["meta"]["training"]["config"]
+    assert training["illumination"] == "plane" and training["substrate"] == "auto"
+
     raw = tmp_path / "raw.pt"
     result = runner.invoke(app, [*base, "--out", str(raw), "--preset", "tiny"])
-    assert result.exit_code == 0 and "no image is trained mirrored" in result.output
+    assert result.exit_code == 0 and "no image is trained mirrored" in " ".join(
+        result.output.split()
+    )
     assert torch.load(raw, weights_only=True)["meta"]["training"]["config"]["substrate"] == "oxide"
     refused = tmp_path / "refused.pt"
     args = [*base, "--out", str(refused), "--preset", "tiny", "--substrate", "auto"]

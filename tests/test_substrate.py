@@ -246,6 +246,8 @@ def test_training_with_auto_mirrors_the_quartz_images_crops_only(substrate) -> N
     """`TrainConfig.substrate` auto: crops of the image `auto` finds on quartz reach the net
     with mirrored contrast factors, the oxide images' crops with their own reading; the net
     records the oxide's colour for the raw planes. `oxide` mirrors nothing."""
+    from structlog.testing import capture_logs
+
     from model.train import TrainConfig, train
 
     pairs = _pairs_with_one_quartz_image()
@@ -256,13 +258,16 @@ def test_training_with_auto_mirrors_the_quartz_images_crops_only(substrate) -> N
         preset="tiny", epochs=2, samples_per_epoch=16, crop=32, batch_size=4, augment="none",
         device="cpu", substrate=substrate,
     )  # fmt: skip
-    trained, _, _ = train(pairs, cfg, model=model)
+    with capture_logs() as logs:
+        trained, _, _ = train(pairs, cfg, model=model)
     mirrored = sum(int((extra[1][:, 0, 0, 0] < 0).sum()) for extra in calls if extra)
     if substrate == "oxide":
         assert not any(calls) and trained.config.oxide_colour is None
         return
     # a quarter of 32 crops come from the quartz image: some, not all, are mirrored
     assert 2 <= mirrored <= 16
+    found = [e for e in logs if e["event"] == "train.transparent_substrate"]
+    assert len(found) == 1 and found[0]["images"] == 1 and found[0]["of"] == 4
     # the oxide images' median colour (70 % of each is oxide)
     np.testing.assert_allclose(trained.config.oxide_colour, OXIDE, atol=0.01)
 
@@ -297,3 +302,21 @@ def test_a_net_trained_mirrored_is_read_with_auto(tmp_path) -> None:
         save_checkpoint(path, net, net.config, training={"config": config})
         assert Segmenter.from_checkpoint(path).substrate == read
         assert Segmenter.from_checkpoint(path, substrate="oxide").substrate == "oxide"
+
+
+def test_every_window_of_a_quartz_image_is_read_mirrored_as_the_whole_image_is_decided() -> None:
+    """A lab net reads each window against its own colours, but whether it is mirrored is
+    decided on the whole image, as training decides it: a window of bare quartz alone looks
+    like oxide, and would otherwise be read so."""
+    image = _field(QUARTZ, FILM_ON_QUARTZ, 64, size=192)[0, :, :64]  # 64 × 192, all film
+    image[:, :, 128:] = torch.tensor(QUARTZ).view(3, 1, 1)  # the last third bare quartz
+    pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    segmenter = Segmenter(_lab_net(), substrate="auto", window=64, overlap=16)
+    scales: list[torch.Tensor] = []
+    segmenter._eager.register_forward_pre_hook(lambda _m, args: scales.append(args[2]))
+    assert segmenter.substrate_references(pixels)[1]  # the whole image: transparent
+    bare = torch.from_numpy(pixels[:, 128:]).permute(2, 0, 1)[None].float() / 255
+    assert float(substrate_reference(bare, "median", "auto")[1][0, 0]) > 0  # alone: oxide
+    segmenter.predict(pixels)
+    windows = torch.cat(scales)
+    assert len(windows) == 4 and bool((windows[:, 0] < 0).all())

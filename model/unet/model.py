@@ -77,6 +77,13 @@ class UNetConfig(BaseModel):
     def _raw_needs_contrast(self) -> UNetConfig:
         if self.input_raw and not self.input_contrast:
             raise ValueError("input_raw adds raw pixels beside the contrast: set input_contrast")
+        if self.oxide_colour is not None and (
+            not self.input_raw or len(self.oxide_colour) != self.in_channels
+        ):
+            raise ValueError(
+                f"oxide_colour {self.oxide_colour} is the raw planes' colour: it needs input_raw "
+                f"and one value per input channel ({self.in_channels})"
+            )
         return self
 
     @property

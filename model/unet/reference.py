@@ -171,6 +171,20 @@ def substrate_reference(
     return ref.reshape(shape), contrast_scale(transparent, ref).reshape(shape)
 
 
+def mirrored_references(
+    x: torch.Tensor, reference: ContrastReference, mirrored: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`substrate_reference` for N×C×H×W crops (windows, training crops) of images whose
+    substrate was decided on the whole image: N booleans ``mirrored``. Each crop finds its own
+    colours, against its dark substrate where mirrored; no scale where none is."""
+    colours, _ = substrate_reference(x, reference, "oxide")
+    if not bool(mirrored.any()):
+        return colours, None
+    dark, _ = substrate_reference(x[mirrored], reference, "transparent")
+    colours[mirrored] = dark
+    return colours, contrast_scale(mirrored, colours)
+
+
 def contrast_scale(transparent: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per image (N booleans), the contrast's factor per channel, shaped, typed and placed
     like ``like`` (N×C...): TRANSPARENT_CONTRAST where transparent, 1 elsewhere."""
