@@ -85,9 +85,10 @@ RECIPES: dict[str, TrainConfig] = {
     # (README, "Cross-validated results").
     # substrate auto: images on a transparent substrate are trained and read mirrored onto the
     # oxide's contrast, their raw planes as the oxide would look; in 3-fold CV on the real set
-    # over seeds 0-2 (H100) 0.839 -> 0.857 mean per-class accuracy for `lab` (region 0.853 ->
-    # 0.866), 0.859 -> 0.865 (0.866 -> 0.877) for `lab-gpu`: a fold whose training holds none of
-    # the dark images reads them through the oxide's (README, "Cross-validated results").
+    # over seeds 0-2 0.839 (CPU) -> 0.857 (H100) mean per-class accuracy for `lab` (region
+    # 0.853 -> 0.866), on the H100 0.859 -> 0.865 (0.866 -> 0.877) for `lab-gpu`: a fold whose
+    # training holds none of the dark images reads them through the oxide's (README,
+    # "Cross-validated results").
     "lab": TrainConfig(preset="small-lab", epochs=40, lr_schedule="cosine", substrate="auto"),
     # The same on a GPU with the four-times-wider net: ~1 min a fold of 73 images on an H100.
     "lab-gpu": TrainConfig(preset="lab-wide", epochs=40, lr_schedule="cosine", substrate="auto"),

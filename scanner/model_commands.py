@@ -146,6 +146,7 @@ def train(
     from model.data import preload
     from model.evaluate import evaluate, reading_for
     from model.segmenter import READ_AS
+    from model.train import TrainConfig
     from model.train import train as run_training
     from model.unet import PRESETS
 
@@ -201,7 +202,10 @@ def train(
             for key, given in (("substrate", substrate), ("illumination", illumination))
             if given is None and key in init_cfg
         }
-        cfg = cfg.model_copy(update=kept)
+        try:  # a checkpoint's values are checked as the command line's are
+            cfg = TrainConfig.model_validate({**cfg.model_dump(), **kept})
+        except ValueError as e:
+            raise fail(f"{init}: {e}") from None
         init_values = init_meta.training.get("other_values")
         # Train against the reference the net will be read with (the Segmenter's READ_AS):
         # fine-tuned on 25 real images, the shipped net scored 0.748 / 0.660 on two splits
