@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .unet.reference import substrate_reference
+from .unet.reference import image_input, substrate_reference
 
 #: a pixel within 3 % of the substrate's colour in every channel is substrate: under half a
 #: monolayer's red contrast, and within what a tilt changes over a few tens of pixels
@@ -39,13 +39,9 @@ def substrate_colour(image: np.ndarray) -> np.ndarray:
     `auto` finds a transparent one)."""
     if image.ndim != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an H×W×C uint8 image, got {image.dtype} {image.shape}")
-    # The Segmenter's own conversion (x * (1/255) in float32), so the colour is its to the bit.
-    x = (
-        torch.tensor(image).permute(2, 0, 1)[None].float().mul_(1 / 255)
-    )  # a copy: PIL's are read-only
     substrate = "auto" if image.shape[2] == 3 else "oxide"
     with torch.inference_mode():
-        colours, _ = substrate_reference(x, "hue", substrate)
+        colours, _ = substrate_reference(image_input(image), "hue", substrate)
     return colours.flatten().numpy()
 
 

@@ -28,6 +28,7 @@ from model.unet.reference import (
     ContrastReference,
     Substrate,
     contrast_scale,
+    is_mirrored,
     mirrored_references,
     substrate_reference,
 )
@@ -126,7 +127,7 @@ class Segmenter:
             )
         #: the rule the contrast reference is found by here (the net's own, or READ_AS's)
         self.reference: ContrastReference = reference
-        reads_rgb_contrast = config.input_contrast and config.in_channels == 3
+        reads_rgb_contrast = config.reads_rgb_contrast
         if substrate is None:
             auto = reads_rgb_contrast and reference == "hue" and not config.input_raw
             substrate = "auto" if auto else "oxide"
@@ -348,8 +349,8 @@ class Segmenter:
             refs, scale = self._references(images, self.batch_size if tiles else 1)
         colours = refs.flatten(1).float().cpu().numpy()
         transparent = np.zeros(len(colours), bool)
-        if scale is not None:  # the mirrored ones have a negative red factor
-            transparent = scale.flatten(1)[:, 0].cpu().numpy() < 0
+        if scale is not None:
+            transparent = is_mirrored(scale).cpu().numpy()
         return (colours[0], transparent[0]) if single else (colours, transparent)
 
     def _need_contrast(self, what: str) -> None:

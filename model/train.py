@@ -21,7 +21,13 @@ from .augment import Augmenter, augment_set
 from .data import CLASS_NAMES
 from .losses import make_loss, median_frequency_weights
 from .unet import PRESETS, UNet, build_unet
-from .unet.reference import ContrastReference, mirrored_references, substrate_reference
+from .unet.reference import (
+    ContrastReference,
+    image_input,
+    is_mirrored,
+    mirrored_references,
+    substrate_reference,
+)
 
 log = structlog.get_logger("flakescan.train")
 
@@ -208,7 +214,7 @@ def _transparent_images(pairs: Sequence[Pair], model: UNet, substrate: str) -> n
     if substrate == "oxide":
         return flags
     config = model.config
-    if not (config.input_contrast and config.in_channels == 3):
+    if not config.reads_rgb_contrast:
         raise ValueError(
             f"substrate {substrate!r} reads the optical contrast of RGB images; this net does not "
             "take it"
@@ -216,9 +222,10 @@ def _transparent_images(pairs: Sequence[Pair], model: UNet, substrate: str) -> n
     colours = []
     with torch.inference_mode():
         for i, (image, _) in enumerate(pairs):
-            x = torch.tensor(image).permute(2, 0, 1)[None].float().mul_(1 / 255)
-            colour, scale = substrate_reference(x, config.contrast_reference, "auto")
-            flags[i] = bool(scale is not None and scale[0, 0] < 0)
+            colour, scale = substrate_reference(
+                image_input(image), config.contrast_reference, "auto"
+            )
+            flags[i] = scale is not None and bool(is_mirrored(scale)[0])
             colours.append(colour.flatten().numpy())
     # A fine-tuned net keeps its own; with no image on oxide there is no colour to learn.
     if config.input_raw and config.oxide_colour is None and not flags.all():

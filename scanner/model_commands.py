@@ -74,7 +74,7 @@ def _substrate_for(cfg: TrainConfig, net: UNetConfig, given: str | None) -> Trai
     """``cfg`` with a substrate rule the net can take: the mirror (`auto`) reads the optical
     contrast of RGB images, so a recipe's `auto` falls back to `oxide` for other nets; asked
     for by name, it is refused."""
-    if cfg.substrate == "oxide" or (net.input_contrast and net.in_channels == 3):
+    if cfg.substrate == "oxide" or net.reads_rgb_contrast:
         return cfg
     if given is not None:
         raise fail(
@@ -442,6 +442,7 @@ def cv(
 ) -> None:
     """k-fold cross-validation split by sample; --table1 runs the paper's grid."""
     from model.cv import TABLE1_AUGMENTS, TABLE1_LOSSES, cross_validate
+    from model.unet import PRESETS
 
     base = _train_config(
         recipe,
@@ -453,8 +454,6 @@ def cv(
         illumination=illumination,
         substrate=substrate,
     )
-    from model.unet import PRESETS
-
     if base.preset in PRESETS:
         base = _substrate_for(base, PRESETS[base.preset], substrate)
     augments = TABLE1_AUGMENTS if table1 else tuple(augment or (base.augment,))

@@ -22,6 +22,7 @@ from .reference import (  # noqa: F401  (optical_contrast: part of this module's
     CONTRAST_GAIN,
     ContrastReference,
     contrast_against,
+    is_mirrored,
     optical_contrast,
     reference_colours,
 )
@@ -90,6 +91,12 @@ class UNetConfig(BaseModel):
     def input_planes(self) -> int:
         """Planes the first convolution sees: contrast and raw pixels side by side, or one."""
         return self.in_channels * (2 if self.input_contrast and self.input_raw else 1)
+
+    @property
+    def reads_rgb_contrast(self) -> bool:
+        """Whether the net takes the optical contrast of RGB images: what reading a
+        transparent substrate mirrored needs (`substrate_reference`)."""
+        return self.input_contrast and self.in_channels == 3
 
     @property
     def outputs(self) -> int:
@@ -261,7 +268,7 @@ class UNet(nn.Module):
             return x
         colour = torch.tensor(oxide, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         rendered = (colour * (1 + contrast / CONTRAST_GAIN)).clamp(0, 1)
-        return torch.where(scale[:, :1] < 0, rendered, x)
+        return torch.where(is_mirrored(scale).view(-1, 1, 1, 1), rendered, x)
 
 
 def check_input_size(config: UNetConfig, height: int, width: int) -> None:

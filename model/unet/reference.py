@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 ContrastReference = Literal["mean", "median", "bright", "hue"]
@@ -169,6 +170,19 @@ def substrate_reference(
         ref[rows] = torch.where(transparent[rows, None], dark, ref[rows])
     shape = (*x.shape[:-2], 1, 1)
     return ref.reshape(shape), contrast_scale(transparent, ref).reshape(shape)
+
+
+def image_input(image: np.ndarray) -> torch.Tensor:
+    """One H×W×C uint8 image as the 1×C×H×W float input the references are found on, by the
+    Segmenter's own conversion (× 1/255 in float32), so its colours are the Segmenter's to the
+    bit; a copy, since PIL hands out read-only arrays."""
+    return torch.tensor(image).permute(2, 0, 1)[None].float().mul_(1 / 255)
+
+
+def is_mirrored(scale: torch.Tensor) -> torch.Tensor:
+    """N booleans: which images a `substrate_reference` scale (N×C...) reads mirrored, i.e.
+    with a negative factor on red (TRANSPARENT_CONTRAST)."""
+    return scale.flatten(1)[:, 0] < 0
 
 
 def mirrored_references(
